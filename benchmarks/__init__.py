@@ -1,0 +1,1 @@
+"""Benchmarks: each module writes results/bench/<name>.json and prints its figures."""

@@ -1,0 +1,16 @@
+"""course_lib: the teaching library of the efficient fine-tuning course.
+
+Sub-packages, one topic each (the notebook that derives each piece is named in its docstring):
+
+- `course_lib.config`   the COURSE_FAST switch and paths
+- `course_lib.peft`     LoRA, adapters, prefix/prompt tuning, BitFit, (IA)^3 and their injection
+- `course_lib.meters`   trainable parameters, activation memory, activation density
+- `course_lib.text`     the packaged MiniLM, the generated text task, GLUE-format loaders
+- `course_lib.train`    a small seeded training / evaluation loop
+- `course_lib.widgets`  update functions behind the notebooks' interactive widgets
+
+Sub-packages are imported on demand (`import course_lib.peft`), so that importing course_lib
+itself stays cheap.
+"""
+
+__version__ = "0.1.0"
