@@ -1,0 +1,56 @@
+"""Writing results JSON files atomically (used by notebooks, `course_lib.train` and benchmarks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from course_lib import config
+
+__all__ = ["write_json", "read_json", "results_path"]
+
+
+def results_path(name: str, subdir: str | None = None) -> Path:
+    """Path of `results/[subdir/]<name>.json` under `config.RESULTS_DIR`."""
+    base = config.RESULTS_DIR if subdir is None else config.RESULTS_DIR / subdir
+    return base / f"{name}.json"
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write `data` as indented JSON to `path` via a temporary file and a rename.
+
+    The rename is atomic, so a reader never sees a half-written file and an interrupted run
+    leaves the previous result in place. Returns the path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False, default=_to_jsonable)
+            handle.write("\n")
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file written by `write_json`."""
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _to_jsonable(value: Any) -> Any:
+    # numpy / torch scalars and arrays -> plain Python numbers and lists
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")

@@ -1,0 +1,7 @@
+"""Update functions behind the course's interactive widgets.
+
+Each widget is a plain function of its controls' values that returns a matplotlib Figure (or
+data), plus a small `make_*_widget()` that wires ipywidgets controls to it. The plain function
+is what the tests call (they also set `.value` on the controls); a notebook shows a static
+figure of the same function before the live widget, so the book (no kernel) still has a picture.
+"""
