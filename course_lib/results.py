@@ -14,8 +14,17 @@ __all__ = ["write_json", "read_json", "results_path"]
 
 
 def results_path(name: str, subdir: str | None = None) -> Path:
-    """Path of `results/[subdir/]<name>.json` under `config.RESULTS_DIR`."""
-    base = config.RESULTS_DIR if subdir is None else config.RESULTS_DIR / subdir
+    """Path of `results/[subdir/]<name>.json` under `config.RESULTS_DIR`.
+
+    Without `subdir`, results of a fast run (COURSE_FAST=1) go to `results/fast/`, so that the
+    seconds-long runs of `make test` never overwrite the real results of `make book`.
+    """
+    if subdir is not None:
+        base = config.RESULTS_DIR / subdir
+    elif config.is_fast():
+        base = config.RESULTS_DIR / "fast"
+    else:
+        base = config.RESULTS_DIR
     return base / f"{name}.json"
 
 

@@ -1,0 +1,87 @@
+"""Checks of the repository itself: clean notebooks, consistent pins, a complete table of contents."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+
+
+def _pins(lines: list[str]) -> dict[str, str]:
+    pins = {}
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        match = re.fullmatch(r"([A-Za-z0-9_.\-]+)==([^\s;]+)", line)
+        if match:
+            pins[match.group(1).lower().replace("_", "-")] = match.group(2)
+    return pins
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "no notebooks found under notebooks/"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_notebook_is_committed_without_outputs(path: Path):
+    notebook = json.loads(path.read_text())
+    for index, cell in enumerate(notebook["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        assert not cell.get("outputs"), f"{path.name} cell {index} has outputs: clear them before committing"
+        assert cell.get("execution_count") is None, f"{path.name} cell {index} has an execution count"
+
+
+def test_environment_yml_has_the_same_pins_as_requirements():
+    requirements = _pins((ROOT / "requirements.in").read_text().splitlines())
+    environment = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in environment["dependencies"] if isinstance(d, dict))
+    assert _pins(pip_section) == requirements
+    python = next(d for d in environment["dependencies"] if isinstance(d, str) and d.startswith("python="))
+    assert python == "python=3.11"
+
+
+def test_lock_file_agrees_with_requirements():
+    requirements = _pins((ROOT / "requirements.in").read_text().splitlines())
+    lock = _pins((ROOT / "requirements.lock").read_text().splitlines())
+    for name, version in requirements.items():
+        assert lock.get(name) == version, f"{name}: requirements.in pins {version}, lock has {lock.get(name)}"
+    assert lock["torch"] == "2.13.0", "torch must stay pinned to the CPU build found on disk"
+
+
+def _toc_files() -> list[str]:
+    toc = yaml.safe_load((ROOT / "toc.yml").read_text())
+    files = [toc["root"]]
+    for part in toc.get("parts", []):
+        files += [chapter["file"] for chapter in part["chapters"]]
+    return files
+
+
+def test_every_notebook_is_in_the_table_of_contents_and_the_readme():
+    toc = set(_toc_files())
+    readme = (ROOT / "README.md").read_text()
+    for path in NOTEBOOKS:
+        stem = str(path.relative_to(ROOT).with_suffix(""))
+        assert stem in toc, f"{stem} is missing from toc.yml"
+        assert path.name in readme, f"{path.name} is missing from the README's course map"
+
+
+def test_every_toc_entry_exists():
+    for entry in _toc_files():
+        candidates = [ROOT / f"{entry}{suffix}" for suffix in (".ipynb", ".md")]
+        assert any(p.exists() for p in candidates), f"toc.yml names {entry}, which does not exist"
+
+
+def test_every_course_lib_module_has_a_docstring():
+    import course_lib
+
+    for module_info in pkgutil.walk_packages(course_lib.__path__, prefix="course_lib."):
+        module = importlib.import_module(module_info.name)
+        assert module.__doc__ and module.__doc__.strip(), f"{module_info.name} has no module docstring"
