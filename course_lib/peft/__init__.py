@@ -1,0 +1,66 @@
+"""Parameter-efficient fine-tuning, written out by hand: one concept per module.
+
+- `lora`           LoRALinear: W x + (alpha / r) B A x, with merge / unmerge
+- `adapters`       BottleneckAdapter and its placements: Houlsby, Pfeiffer (serial), parallel (He et al.)
+- `prefix_tuning`  PrefixSelfAttention: learned keys/values in front of the real ones (BERT family)
+- `prompt_tuning`  PromptEmbedding: learned virtual tokens in front of the input (BERT family)
+- `bitfit`         train only the biases
+- `ia3`            IA3Linear: learned rescaling vectors
+- `matching`       choosing modules by name pattern
+- `inject`         inject_peft(model, method, ...) -> InjectionReport, merge_and_unload, remove_peft
+
+Each method follows Hugging Face peft's numerics where peft has the method, and the tests check the
+logits against peft on all-MiniLM-L6-v2. Derived in notebooks/part1_foundations/02_peft_zoo.ipynb.
+"""
+
+from course_lib.peft.adapters import (
+    ADAPTER_PLACEMENTS,
+    AdapterConfig,
+    BottleneckAdapter,
+    ParallelAdapter,
+    SerialAdapter,
+)
+from course_lib.peft.bitfit import BitFitConfig, bias_parameters
+from course_lib.peft.ia3 import IA3Config, IA3Linear
+from course_lib.peft.inject import (
+    METHODS,
+    InjectionReport,
+    PEFTConfig,
+    count_parameters,
+    inject_peft,
+    merge_and_unload,
+    remove_peft,
+)
+from course_lib.peft.lora import LoRAConfig, LoRALinear
+from course_lib.peft.matching import ModulePattern, matching_module_names, name_matches
+from course_lib.peft.prefix_tuning import PrefixSelfAttention, PrefixTuningConfig, extend_attention_mask
+from course_lib.peft.prompt_tuning import PromptEmbedding, PromptTuningConfig
+
+__all__ = [
+    "ADAPTER_PLACEMENTS",
+    "AdapterConfig",
+    "BitFitConfig",
+    "BottleneckAdapter",
+    "IA3Config",
+    "IA3Linear",
+    "InjectionReport",
+    "LoRAConfig",
+    "LoRALinear",
+    "METHODS",
+    "ModulePattern",
+    "PEFTConfig",
+    "ParallelAdapter",
+    "PrefixSelfAttention",
+    "PrefixTuningConfig",
+    "PromptEmbedding",
+    "PromptTuningConfig",
+    "SerialAdapter",
+    "bias_parameters",
+    "count_parameters",
+    "extend_attention_mask",
+    "inject_peft",
+    "matching_module_names",
+    "merge_and_unload",
+    "name_matches",
+    "remove_peft",
+]

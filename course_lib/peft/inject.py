@@ -1,0 +1,364 @@
+"""Putting a PEFT method onto a model: one function for all methods, and a report of what changed.
+
+    report = inject_peft(model, "lora", target_modules=["query", "value"], r=8, alpha=16)
+    report = inject_peft(model, LoRAConfig(r=8, alpha=16))          # the same, with a config
+    print(report)   # lora: 12 modules replaced, 148,994 / 22,862,594 parameters trainable (0.65%)
+
+`inject_peft` changes the model in place: it finds the modules whose dotted names match the
+method's `target_modules` (see `course_lib.peft.matching`), replaces each by the method's wrapper
+(LoRALinear, SerialAdapter, IA3Linear...), freezes every other parameter and keeps the task head
+(`trainable_modules`, like peft's `modules_to_save`) trainable. It works on any nn.Module for
+LoRA, adapters, BitFit and (IA)^3 given `target_modules`; prefix and prompt tuning need a
+Hugging Face BERT-family model (BertModel, BertFor*). With `target_modules=None` each method uses
+Hugging Face peft's BERT defaults.
+
+Derived in notebooks/part1_foundations/02_peft_zoo.ipynb.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Union
+
+from torch import nn
+
+from course_lib.peft.adapters import (
+    BERT_ADAPTER_TARGETS,
+    AdapterConfig,
+    BottleneckAdapter,
+    ParallelAdapter,
+    SerialAdapter,
+)
+from course_lib.peft.bitfit import BitFitConfig, bias_parameters
+from course_lib.peft.ia3 import IA3Config, IA3Linear
+from course_lib.peft.lora import LoRAConfig, LoRALinear
+from course_lib.peft.matching import ModulePattern, matching_module_names, name_matches
+from course_lib.peft.prefix_tuning import PrefixSelfAttention, PrefixTuningConfig, looks_like_bert_self_attention
+from course_lib.peft.prompt_tuning import PromptEmbedding, PromptTuningConfig, looks_like_bert_model
+
+__all__ = [
+    "PEFTConfig",
+    "METHODS",
+    "InjectionReport",
+    "inject_peft",
+    "count_parameters",
+    "merge_and_unload",
+    "remove_peft",
+]
+
+PEFTConfig = Union[LoRAConfig, AdapterConfig, PrefixTuningConfig, PromptTuningConfig, BitFitConfig, IA3Config]
+
+#: Method names `inject_peft` accepts, and their config classes.
+METHODS: dict[str, type] = {
+    "lora": LoRAConfig,
+    "adapter": AdapterConfig,
+    "prefix_tuning": PrefixTuningConfig,
+    "prompt_tuning": PromptTuningConfig,
+    "bitfit": BitFitConfig,
+    "ia3": IA3Config,
+}
+# shorthands: an adapter placement used as a method name
+_ADAPTER_ALIASES = {"houlsby": "houlsby", "pfeiffer": "pfeiffer", "parallel_adapter": "parallel"}
+
+# Hugging Face peft's defaults for BERT-family models (peft.utils.constants)
+_BERT_LORA_TARGETS = ["query", "value"]
+_BERT_IA3_TARGETS = ["key", "value", "output.dense"]
+_BERT_IA3_FEEDFORWARD = ["output.dense"]
+#: The task heads kept trainable by default when the model has them (peft's SEQ_CLS modules_to_save).
+DEFAULT_TRAINABLE_MODULES = ("classifier", "score")
+_DEFAULT = object()
+
+
+@dataclass
+class InjectionReport:
+    """What `inject_peft` did: the method, the modules it replaced or changed, parameter counts."""
+
+    method: str
+    replaced: list[str]
+    trainable_params: int
+    total_params: int
+    trainable_modules: list[str] = field(default_factory=list)
+    trainable_pct: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.trainable_pct = 100.0 * self.trainable_params / max(self.total_params, 1)
+
+    def __str__(self) -> str:
+        shown = ", ".join(self.replaced[:3]) + (", ..." if len(self.replaced) > 3 else "")
+        return (
+            f"{self.method}: {len(self.replaced)} modules changed ({shown}); "
+            f"{self.trainable_params:,} / {self.total_params:,} parameters trainable ({self.trainable_pct:.2f}%)"
+        )
+
+    def to_markdown(self) -> str:
+        """A small Markdown table, for notebooks and result pages."""
+        rows = [
+            ("method", self.method),
+            ("modules changed", f"{len(self.replaced)}"),
+            ("trainable parameters", f"{self.trainable_params:,}"),
+            ("total parameters", f"{self.total_params:,}"),
+            ("trainable %", f"{self.trainable_pct:.3f}"),
+            ("also trainable", ", ".join(self.trainable_modules) or "-"),
+        ]
+        return "| | |\n| --- | --- |\n" + "\n".join(f"| {key} | {value} |" for key, value in rows)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts of `model`; shared parameters counted once."""
+    parameters = list(model.parameters())  # .parameters() already skips duplicates
+    return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
+
+
+def _make_config(method: str | PEFTConfig, options: dict[str, Any]) -> PEFTConfig:
+    if not isinstance(method, str):
+        if type(method) not in METHODS.values():
+            raise TypeError(f"method must be a method name or a config object, got {type(method).__name__}")
+        if options:
+            raise TypeError(f"give options either in the config or as keywords, not both: {sorted(options)}")
+        return method
+    name = method.lower()
+    if name in _ADAPTER_ALIASES:
+        options = {"placement": _ADAPTER_ALIASES[name], **options}
+        name = "adapter"
+    if name not in METHODS:
+        known = sorted(METHODS) + sorted(_ADAPTER_ALIASES)
+        raise ValueError(f"unknown PEFT method {method!r}; known methods: {known}")
+    config_class = METHODS[name]
+    allowed = {f.name for f in fields(config_class)}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(f"{name} has no option(s) {unknown}; its options are {sorted(allowed)}")
+    return config_class(**options)
+
+
+def _is_bert_family(model: nn.Module) -> bool:
+    return any(looks_like_bert_model(module) for module in model.modules())
+
+
+def _default_targets(model: nn.Module, method: str, bert_default: Any) -> Any:
+    if not _is_bert_family(model):
+        raise ValueError(
+            f"target_modules=None means the BERT default {bert_default!r}, but {type(model).__name__} is not a "
+            f"BERT-family model; pass target_modules (a regex or a list of module names) for {method}"
+        )
+    return bert_default
+
+
+def _replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    new_module.train(parent.training)  # a new wrapper takes the train/eval mode of the model it joins
+    setattr(parent, child_name, new_module)
+
+
+def _output_width(module: nn.Module, name: str) -> int:
+    """The width an adapter must have after `module`: its (last) Linear's out_features."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(getattr(module, "dense", None), nn.Linear):  # BERT-style output blocks
+        return module.dense.out_features
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise TypeError(f"cannot tell the width of {name!r} ({type(module).__name__}) for an adapter; "
+                        "target nn.Linear layers or blocks that contain one")
+    return linears[-1].out_features
+
+
+def _apply(model: nn.Module, config: PEFTConfig) -> tuple[list[str], list[nn.Parameter]]:
+    """Replace the targeted modules; return their names and the new (trainable) parameters."""
+    modules = dict(model.named_modules())
+    new_parameters: list[nn.Parameter] = []
+
+    if isinstance(config, LoRAConfig):
+        pattern = config.target_modules
+        if pattern is None:
+            pattern = _default_targets(model, "lora", _BERT_LORA_TARGETS)
+        names = matching_module_names(model, pattern, module_type=nn.Linear)
+        for name in names:
+            wrapper = LoRALinear(modules[name], r=config.r, alpha=config.alpha, dropout=config.dropout)
+            _replace_module(model, name, wrapper)
+            new_parameters += [wrapper.lora_A, wrapper.lora_B]
+        return names, new_parameters
+
+    if isinstance(config, IA3Config):
+        pattern = config.target_modules
+        if pattern is None:
+            pattern = _default_targets(model, "ia3", _BERT_IA3_TARGETS)
+        feedforward = config.feedforward_modules
+        if feedforward is None:
+            feedforward = _BERT_IA3_FEEDFORWARD if config.target_modules is None else []
+        names = matching_module_names(model, pattern, module_type=nn.Linear)
+        for name in names:
+            # peft: a name is feed-forward when it ends with a feedforward_modules entry
+            is_feedforward = (
+                name_matches(name, feedforward)
+                if isinstance(feedforward, str)
+                else any(name.endswith(item) for item in feedforward)
+            )
+            wrapper = IA3Linear(modules[name], feedforward=is_feedforward)
+            _replace_module(model, name, wrapper)
+            new_parameters.append(wrapper.scale)
+        return names, new_parameters
+
+    if isinstance(config, AdapterConfig):
+        pattern = config.target_modules
+        if pattern is None:
+            pattern = _default_targets(model, f"{config.placement} adapters", BERT_ADAPTER_TARGETS[config.placement])
+        names = matching_module_names(model, pattern)
+        for name in names:
+            base = modules[name]
+            width = _output_width(base, name)
+            adapter = BottleneckAdapter(
+                width, config.bottleneck_for(width), activation=config.activation, scale=config.scale_or_default()
+            )
+            reference = next(base.parameters(), None)
+            if reference is not None:
+                adapter.to(device=reference.device, dtype=reference.dtype)
+            wrapper = ParallelAdapter(base, adapter) if config.placement == "parallel" else SerialAdapter(base, adapter)
+            _replace_module(model, name, wrapper)
+            new_parameters += list(adapter.parameters())
+        return names, new_parameters
+
+    if isinstance(config, BitFitConfig):
+        if config.target_modules is not None:
+            matching_module_names(model, config.target_modules)  # a clear error if nothing matches
+        biases = bias_parameters(model, config.target_modules)
+        if not biases:
+            raise ValueError(f"BitFit found no bias parameter in the modules of {type(model).__name__} "
+                             f"matching {config.target_modules!r}")
+        return list(biases), list(biases.values())
+
+    if isinstance(config, PrefixTuningConfig):
+        attentions = [name for name, module in modules.items() if looks_like_bert_self_attention(module)]
+        if not attentions:
+            raise ValueError(
+                f"prefix tuning needs a BERT-family model (BertModel, BertFor*, ...): {type(model).__name__} "
+                "has no self-attention module with query/key/value layers"
+            )
+        names = attentions
+        if config.target_modules is not None:
+            matched = set(matching_module_names(model, config.target_modules))
+            names = [name for name in attentions if name in matched]
+            if not names:
+                raise ValueError(f"target_modules={config.target_modules!r} matches none of the self-attention "
+                                 f"modules {attentions[:4]}...")
+        for name in names:
+            wrapper = PrefixSelfAttention(
+                modules[name], config.num_virtual_tokens, projection_dim=config.projection_dim, init_std=config.init_std
+            )
+            _replace_module(model, name, wrapper)
+            new_parameters += [p for n, p in wrapper.named_parameters() if not n.startswith("base.")]
+        return names, new_parameters
+
+    if isinstance(config, PromptTuningConfig):
+        berts = [name for name, module in modules.items() if looks_like_bert_model(module)]
+        if not berts:
+            raise ValueError(
+                f"prompt tuning needs a BERT-family model (BertModel, BertFor*): {type(model).__name__} has no module "
+                "with .embeddings.word_embeddings and .encoder"
+            )
+        name = berts[0]  # the outermost one
+        if config.target_modules is not None:
+            matching = set(matching_module_names(model, config.target_modules))
+            matched = [n for n in berts if n in matching]
+            if not matched:
+                raise ValueError(f"target_modules={config.target_modules!r} matches no BERT-family model; "
+                                 f"candidates: {berts}")
+            name = matched[0]
+        bert = modules[name]
+        word_embeddings = bert.embeddings.word_embeddings
+        prompts = PromptEmbedding(
+            config.num_virtual_tokens, word_embeddings.embedding_dim, word_embeddings=word_embeddings, init=config.init
+        )
+        prompts.train(bert.training)
+        prompts.attach(bert)
+        return [name or type(model).__name__], [prompts.weight]
+
+    raise TypeError(f"unsupported config {type(config).__name__}")  # pragma: no cover
+
+
+def inject_peft(
+    model: nn.Module,
+    method: str | PEFTConfig,
+    *,
+    trainable_modules: ModulePattern | None | object = _DEFAULT,
+    freeze: bool = True,
+    **options: Any,
+) -> InjectionReport:
+    """Apply a PEFT method to `model` in place and report what changed.
+
+    Args:
+        model: any nn.Module (prefix/prompt tuning: a Hugging Face BERT-family model).
+        method: a name in `METHODS` ("lora", "adapter", "prefix_tuning", "prompt_tuning",
+            "bitfit", "ia3"; also "houlsby", "pfeiffer", "parallel_adapter") with the method's
+            options as keywords (`r=8`, `target_modules=...`), or a config object.
+        trainable_modules: modules kept trainable besides the method's own parameters (a regex
+            or list of names, see `course_lib.peft.matching`); by default the classification
+            head ("classifier" or "score") if the model has one, like peft's SEQ_CLS models.
+        freeze: freeze every other parameter first (False: leave requires_grad as it is, e.g. to
+            stack a second method on top of a first).
+
+    Raises ValueError for an unknown method, an option out of range (r <= 0) or a pattern that
+    matches nothing, TypeError for an unknown option or a target of the wrong kind.
+    Derived in notebooks/part1_foundations/02_peft_zoo.ipynb.
+    """
+    config = _make_config(method, options)
+    if trainable_modules is _DEFAULT:
+        head_names = [name for name, _ in model.named_modules() if name and name_matches(name, DEFAULT_TRAINABLE_MODULES)]
+        keep = head_names
+    elif trainable_modules is None:
+        keep = []
+    else:
+        keep = matching_module_names(model, trainable_modules, what="trainable_modules")
+
+    replaced, new_parameters = _apply(model, config)
+
+    if freeze:
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+    modules = dict(model.named_modules())
+    for name in keep:
+        for parameter in modules[name].parameters():
+            parameter.requires_grad_(True)
+    for parameter in new_parameters:
+        parameter.requires_grad_(True)
+
+    trainable, total = count_parameters(model)
+    return InjectionReport(
+        method=config.method, replaced=replaced, trainable_params=trainable, total_params=total, trainable_modules=keep
+    )
+
+
+def merge_and_unload(model: nn.Module) -> list[str]:
+    """Merge every LoRALinear and IA3Linear into its base layer and put the plain nn.Linear back.
+
+    Returns the names of the merged modules. Adapters, prefixes and prompts cannot be merged into
+    weights and are left in place (use `remove_peft` to drop them).
+    """
+    names = [name for name, module in model.named_modules() if isinstance(module, (LoRALinear, IA3Linear))]
+    for name in names:
+        _replace_module(model, name, model.get_submodule(name).merged_linear())
+    return names
+
+
+def remove_peft(model: nn.Module) -> list[str]:
+    """Undo `inject_peft`: put every original module back (unmerged) and drop the PEFT parameters.
+
+    requires_grad flags are left as they are. Returns the names of the modules restored.
+    """
+    wrappers = (LoRALinear, IA3Linear, SerialAdapter, ParallelAdapter, PrefixSelfAttention)
+    restored = []
+    # innermost first, so that a wrapper inside another one's base (LoRA under prefix tuning)
+    # is restored while its name is still valid
+    for name, module in reversed(list(model.named_modules())):
+        if isinstance(module, PromptEmbedding):
+            parent_name = name.rpartition(".")[0]
+            module.detach_from(model.get_submodule(parent_name) if parent_name else model)
+        elif isinstance(module, wrappers):
+            if getattr(module, "merged", False):
+                module.unmerge()
+            _replace_module(model, name, module.base)
+        else:
+            continue
+        restored.append(name)
+    return restored[::-1]
