@@ -1,0 +1,48 @@
+"""Meters that every part of the course uses: trainable parameters, activation memory, density.
+
+- `count_parameters`            trainable / total parameters (parameters.py)
+- `measure_activation_memory`   bytes saved for backward by one step (memory.py)
+- `measure_peak_process_memory` peak resident memory of a step (memory.py)
+- `activation_density`          per-layer non-zero fraction of MLP activations (density.py)
+
+Derived in notebooks/part1_foundations/03_measuring_finetuning.ipynb.
+"""
+
+from course_lib.meters.density import (
+    DEFAULT_ACTIVATION_PATTERNS,
+    ActivationCollector,
+    DensityCounter,
+    activation_density,
+    count_active,
+    density_over_batches,
+    find_activation_modules,
+)
+from course_lib.meters.memory import (
+    MIB,
+    MemoryReport,
+    ProcessMemoryReport,
+    SavedStorage,
+    SavedTensorRecorder,
+    measure_activation_memory,
+    measure_peak_process_memory,
+)
+from course_lib.meters.parameters import ParameterReport, count_parameters
+
+__all__ = [
+    "ParameterReport",
+    "count_parameters",
+    "MIB",
+    "SavedStorage",
+    "MemoryReport",
+    "SavedTensorRecorder",
+    "measure_activation_memory",
+    "ProcessMemoryReport",
+    "measure_peak_process_memory",
+    "DEFAULT_ACTIVATION_PATTERNS",
+    "find_activation_modules",
+    "count_active",
+    "ActivationCollector",
+    "DensityCounter",
+    "activation_density",
+    "density_over_batches",
+]

@@ -1,0 +1,270 @@
+"""A small, seeded training and evaluation loop used by every notebook of the course.
+
+The loop is the usual one (forward, loss, backward, AdamW step, learning-rate schedule), with
+three choices that the PEFT methods rely on:
+
+- only parameters with `requires_grad=True` go into the optimizer, so freezing a parameter is
+  all it takes to leave it untouched (and to spend no optimizer memory on it);
+- `loss_fn(model, batch) -> (loss, logits)` replaces the default cross-entropy, so a method can
+  add a term (DEFT's density loss) or run a model with its own calling convention (points);
+- everything random (initialisation, dropout, shuffling) is seeded by `set_seed(seed)` at the
+  start, so two runs with the same seed give the same numbers.
+
+Batches are HF-style dicts with a "labels" entry, or `(inputs, labels)` pairs.
+
+Derived in notebooks/part1_foundations/02_peft_zoo.ipynb.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import statistics
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from course_lib import config
+from course_lib.results import write_json
+
+__all__ = ["set_seed", "split_batch", "move_to_device", "default_loss", "History", "train", "evaluate"]
+
+LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's random number generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
+    """(model inputs, labels) of a dict batch with "labels" or of an (inputs, labels) pair."""
+    if isinstance(batch, Mapping):
+        if "labels" not in batch:
+            raise ValueError(f"a dict batch needs a 'labels' entry; it has {sorted(batch)}")
+        return {key: value for key, value in batch.items() if key != "labels"}, batch["labels"]
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        f"a batch must be a dict with 'labels' or an (inputs, labels) pair, got {type(batch).__name__}"
+        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    )
+
+
+def move_to_device(value: Any, device: torch.device) -> Any:
+    """Move tensors inside dicts, lists and tuples to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {key: move_to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(move_to_device(item, device) for item in value)
+    return value
+
+
+def _call_model(model: nn.Module, inputs: Any) -> torch.Tensor:
+    if isinstance(inputs, Mapping):
+        output = model(**inputs)
+    elif isinstance(inputs, (tuple, list)):
+        output = model(*inputs)
+    else:
+        output = model(inputs)
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):  # Hugging Face ModelOutput
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find logits in the model output of type {type(output).__name__}; pass loss_fn=")
+
+
+def default_loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the model's logits against the batch labels: returns (loss, logits)."""
+    inputs, labels = split_batch(batch)
+    logits = _call_model(model, inputs)  # (B, num_classes)
+    if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"expected logits (batch, classes) for {labels.shape[0]} labels, got {tuple(logits.shape)}")
+    return F.cross_entropy(logits, labels), logits
+
+
+@dataclass
+class History:
+    """What a training run did, epoch by epoch (lists have one entry per epoch)."""
+
+    train_loss: list[float] = field(default_factory=list)
+    eval_accuracy: list[float] = field(default_factory=list)
+    eval_loss: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+    step_losses: list[float] = field(default_factory=list)  # one per optimizer step
+    seconds_per_step: float = float("nan")  # median over all steps
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+    num_steps: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        # NaN is not valid JSON: write null instead
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in data.items()}
+
+
+def _schedule(kind: str | None, num_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Learning-rate multiplier per step: linear warm-up, then linear or cosine decay to 0."""
+    if kind not in (None, "linear", "cosine", "constant"):
+        raise ValueError(f"scheduler must be 'linear', 'cosine', 'constant' or None, got {kind!r}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind in (None, "constant"):
+            return 1.0
+        progress = (step - warmup_steps) / max(1, num_steps - warmup_steps)  # 0 -> 1
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _default_device(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: Iterable[Any], loss_fn: LossFn | None = None, *, device: torch.device | str | None = None
+) -> dict[str, float]:
+    """Accuracy and mean loss of `model` over `loader`, in eval mode (the mode is restored).
+
+    Derived in notebooks/part1_foundations/02_peft_zoo.ipynb.
+    """
+    loss_fn = loss_fn or default_loss
+    device = torch.device(device) if device is not None else _default_device(model)
+    was_training = model.training
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    try:
+        for batch in loader:
+            batch = move_to_device(batch, device)
+            _, labels = split_batch(batch)
+            loss, logits = loss_fn(model, batch)
+            n = labels.shape[0]
+            total_loss += loss.detach().item() * n
+            if logits is not None:
+                correct += int((logits.argmax(-1) == labels).sum())
+            count += n
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("the evaluation loader is empty")
+    return {"accuracy": correct / count, "loss": total_loss / count, "num_examples": count}
+
+
+def train(
+    model: nn.Module,
+    train_loader: Iterable[Any],
+    *,
+    eval_loader: Iterable[Any] | None = None,
+    num_epochs: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    loss_fn: LossFn | None = None,
+    scheduler: str | None = "linear",
+    warmup_ratio: float = 0.0,
+    max_grad_norm: float | None = None,
+    seed: int = config.SEED,
+    progress: bool = True,
+    results_path: str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
+) -> History:
+    """Train `model` with AdamW on its trainable parameters; returns the History.
+
+    `scheduler`: "linear" (decay to 0), "cosine", or None/"constant", after `warmup_ratio` of
+    the steps of linear warm-up. `loss_fn(model, batch) -> (loss, logits)` defaults to
+    cross-entropy on the logits (`output.logits` of HF models or a plain tensor). Evaluates
+    on `eval_loader` after each epoch. With `results_path`, the history is written there as
+    JSON (atomically) at the end. Call `set_seed` before building the model as well if its
+    initialisation should be reproducible: `train` seeds again at its start, which fixes
+    dropout and the shuffling of loaders without their own generator.
+
+    Derived in notebooks/part1_foundations/02_peft_zoo.ipynb.
+    """
+    if num_epochs < 1:
+        raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters (every requires_grad is False)")
+    loss_fn = loss_fn or default_loss
+    device = torch.device(device) if device is not None else _default_device(model)
+    model.to(device)
+    set_seed(seed)
+
+    steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+    num_steps = steps_per_epoch * num_epochs
+    warmup_steps = int(warmup_ratio * num_steps)
+    # biases and norm weights (1-d) get no weight decay, as is usual for transformers
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(scheduler, num_steps, warmup_steps))
+
+    history = History(
+        trainable_parameters=sum(p.numel() for p in trainable),
+        total_parameters=sum(p.numel() for p in model.parameters()),
+        num_steps=num_steps,
+        config={
+            "num_epochs": num_epochs, "lr": lr, "weight_decay": weight_decay, "scheduler": scheduler,
+            "warmup_ratio": warmup_ratio, "max_grad_norm": max_grad_norm, "seed": seed,
+        },
+    )
+    step_seconds: list[float] = []
+    bar = tqdm(total=num_steps, desc="training", disable=not progress, leave=False)
+    try:
+        for epoch in range(num_epochs):
+            model.train()
+            epoch_start = time.perf_counter()
+            losses = []
+            for batch in train_loader:
+                step_start = time.perf_counter()
+                batch = move_to_device(batch, device)
+                loss, _ = loss_fn(model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+                optimizer.step()
+                lr_schedule.step()
+                step_seconds.append(time.perf_counter() - step_start)
+                losses.append(loss.detach().item())
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}")
+            history.step_losses.extend(losses)
+            history.train_loss.append(sum(losses) / max(1, len(losses)))
+            history.epoch_seconds.append(time.perf_counter() - epoch_start)
+            if eval_loader is not None:
+                metrics = evaluate(model, eval_loader, loss_fn, device=device)
+                history.eval_accuracy.append(metrics["accuracy"])
+                history.eval_loss.append(metrics["loss"])
+    finally:
+        bar.close()
+    history.seconds_per_step = statistics.median(step_seconds) if step_seconds else float("nan")
+    if results_path is not None:
+        write_json(results_path, history.to_dict())
+    return history
