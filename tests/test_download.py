@@ -10,7 +10,6 @@ import hashlib
 import http.server
 import io
 import socket
-import sys
 import tarfile
 import threading
 import time
@@ -21,9 +20,7 @@ import pytest
 
 from course_lib.download import ChecksumError, DownloadError, download_file, extract_archive, sha256_of
 from course_lib.text import load_glue_tsv
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # data_scripts/ lives at the repository root
-from data_scripts import download_glue  # noqa: E402
+from data_scripts import download_glue  # importable from the repository root (pytest pythonpath)
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
