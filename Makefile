@@ -34,8 +34,9 @@ nbval: $(STAMP) data
 
 test: unit nbval
 
+# Full mode: COURSE_FAST is removed from the environment of the build.
 book: $(STAMP) data
-	$(VENV)/bin/jupyter-book build . --config book.yml --toc toc.yml
+	env -u COURSE_FAST $(VENV)/bin/jupyter-book build . --config book.yml --toc toc.yml
 	@echo "site: $(CURDIR)/_build/html/index.html"
 
 lab: $(STAMP) data
