@@ -346,6 +346,9 @@ def test_plot_point_cloud_and_plotly():
     figure = plot_point_cloud(cloud, colors=cloud[:, 1].numpy(), up_axis="z")
     assert figure.axes[0].get_zlabel() == "z"
     assert plot_point_cloud(cloud).axes[0].get_zlabel() == "y"  # y is up by default
+    for one_colour in ("tab:red", (1.0, 0.0, 0.0)):  # a single colour for every point
+        single = plot_point_cloud(cloud, colors=one_colour)
+        single.savefig(__import__("io").BytesIO(), format="png")
     with pytest.raises(ValueError, match=r"\(N, 3\)"):
         plot_point_cloud(cloud[None])
     centres = [0, 50]

@@ -107,9 +107,12 @@ def plot_point_cloud(
     xyz = _cloud(points)
     ax = _new_axes(ax, figsize)
     order = _display_order(up_axis)
-    colour_values = None if colors is None else _numpy(colors)
-    if colour_values is None:
-        colour_values = "tab:blue"
+    if colors is None:
+        colour_values: Any = "tab:blue"
+    elif isinstance(colors, (str, tuple)):
+        colour_values = colors  # one matplotlib colour for every point ("tab:red", (1, 0, 0))
+    else:
+        colour_values = _numpy(colors)
     ax.scatter(*(xyz[:, axis] for axis in order), c=colour_values, s=point_size, depthshade=False, linewidths=0)
     _finish_axes(ax, xyz, up_axis, title, elev, azim)
     return ax.figure
