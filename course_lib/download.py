@@ -4,8 +4,9 @@ Used by the scripts in data_scripts/ (GLUE, ModelNet40, ScanObjectNN). The cours
 offline on embedded data; these helpers only matter when someone fetches the real sets.
 
 - `download_file` streams into `<dest>.part` (resuming it with an HTTP Range request after an
-  interruption), checks the SHA-256, and only then renames it to `dest`. A file with the wrong
-  hash is deleted and reported; `dest` either does not exist or is complete and verified.
+  interruption), checks the SHA-256 (or, for a file that only has a published one, the MD5),
+  and only then renames it to `dest`. A file with the wrong hash is deleted and reported;
+  `dest` either does not exist or is complete and verified.
 - `extract_archive` unpacks a zip or tar into a temporary folder next to the destination and
   renames it into place, refusing members that would land outside it.
 """
@@ -28,9 +29,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-__all__ = ["DownloadError", "ChecksumError", "sha256_of", "download_file", "extract_archive"]
+__all__ = [
+    "DownloadError", "ChecksumError", "HASH_ALGORITHMS", "file_digest", "sha256_of", "download_file", "extract_archive",
+]
 
 _CHUNK = 1 << 20  # 1 MiB
+
+#: The checksums `download_file` verifies: algorithm -> (length of the hex digest, name in messages).
+HASH_ALGORITHMS: dict[str, tuple[int, str]] = {"sha256": (64, "SHA-256"), "md5": (32, "MD5")}
 
 
 class DownloadError(OSError):
@@ -38,22 +44,38 @@ class DownloadError(OSError):
 
 
 class ChecksumError(ValueError):
-    """The downloaded file does not have the expected SHA-256."""
+    """The downloaded file does not have the expected SHA-256 (or MD5)."""
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file with `algorithm` ("sha256" or "md5", see HASH_ALGORITHMS), read in 1 MiB chunks."""
+    if algorithm not in HASH_ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {sorted(HASH_ALGORITHMS)}, got {algorithm!r}")
+    digest = hashlib.new(algorithm, usedforsecurity=False)  # MD5 only detects corruption, it proves nothing
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def _check_sha256(sha256: str) -> str:
-    if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
-        raise ValueError(f"sha256 must be 64 hexadecimal characters, got {sha256!r}")
-    return sha256.lower()
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (what `sha256sum` prints)."""
+    return file_digest(path, "sha256")
+
+
+def _expected_digest(sha256: str | None, md5: str | None) -> tuple[str, str]:
+    """(algorithm, lower-case hex digest) from download_file's two checksum arguments."""
+    given = {name: value for name, value in (("sha256", sha256), ("md5", md5)) if value is not None}
+    if len(given) != 1:
+        raise ValueError(
+            f"give exactly one checksum, sha256=... or md5=..., got {' and '.join(given) or 'neither'}: "
+            "a download is only accepted once verified (prefer the SHA-256 when both are published)"
+        )
+    [(algorithm, value)] = given.items()
+    length = HASH_ALGORITHMS[algorithm][0]
+    if not isinstance(value, str) or not re.fullmatch(rf"[0-9a-fA-F]{{{length}}}", value):
+        raise ValueError(f"{algorithm} must be {length} hexadecimal characters, got {value!r}")
+    return algorithm, value.lower()
 
 
 def _unreachable(url: str, reason: object, offline_hint: str | None) -> DownloadError:
@@ -69,14 +91,18 @@ def _unreachable(url: str, reason: object, offline_hint: str | None) -> Download
 def download_file(
     url: str,
     dest: str | os.PathLike,
-    sha256: str,
+    sha256: str | None = None,
     *,
+    md5: str | None = None,
     resume: bool = True,
     progress: bool = True,
     timeout: float = 10.0,
     offline_hint: str | None = None,
 ) -> Path:
-    """Download `url` to `dest`, verified against `sha256`; returns `dest`.
+    """Download `url` to `dest`, verified against `sha256` or `md5` (exactly one); returns `dest`.
+
+    Give `md5` only for files whose publishers list no SHA-256 (ScanObjectNN's archive); giving
+    neither or both raises ValueError, as does a digest of the wrong length.
 
     If `dest` already exists with the right hash nothing is fetched. Bytes arrive in
     `<dest>.part`; with `resume=True` an existing .part is continued with an HTTP Range request
@@ -86,12 +112,12 @@ def download_file(
     pointing to `offline_hint` (what to use instead). `timeout` (seconds) bounds each
     connection attempt and read, so offline machines fail fast. file:// URLs work too.
     """
-    expected = _check_sha256(sha256)
+    algorithm, expected = _expected_digest(sha256, md5)
     dest = Path(dest)
     if dest.is_dir():
         raise IsADirectoryError(f"dest {dest} is a folder: give the path of the file to write")
     if dest.exists():
-        if sha256_of(dest) == expected:
+        if file_digest(dest, algorithm) == expected:
             return dest
         dest.unlink()  # stale or corrupt: fetch again
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -140,11 +166,12 @@ def download_file(
                 # keep the .part: the next call resumes from here
                 raise _unreachable(url, error, offline_hint) from error
 
-    actual = sha256_of(part)
+    actual = file_digest(part, algorithm)
     if actual != expected:
         part.unlink()
+        name = HASH_ALGORITHMS[algorithm][1]
         raise ChecksumError(
-            f"{url} downloaded with SHA-256 {actual}, expected {expected}: the file is corrupt or has changed "
+            f"{url} downloaded with {name} {actual}, expected {expected}: the file is corrupt or has changed "
             "upstream. It was deleted; run again to retry, or check the URL and checksum."
         )
     os.replace(part, dest)

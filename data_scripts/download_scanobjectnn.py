@@ -12,33 +12,26 @@ The course never needs it: it runs offline on the embedded procedural shapes, wh
 (`course_lib.points.datasets.load_shapes`, made by `make data`). With the real set in place,
 `load_scanobjectnn()` reads it.
 
-The archive is fetched resumably (run again after an interruption continues it), verified
-before it is renamed into place, then by default only the six main-split files that
+The archive is fetched with `course_lib.download.download_file`: resumably (run again after an
+interruption continues it), verified before it is renamed into place; then by default only the six main-split files that
 `load_scanobjectnn` reads are unpacked (each to a temporary file, then renamed); --all unpacks
 everything (about as large again).
 
 Checksum: the MD5 below is the one published for h5_files.zip by the dataset's host, as
 quoted by arthurdjn/pytorch-pointcloud (torch_pointcloud/datasets/scanobjectnn.py) and by a
 project that verified a 13,099,259,542-byte download against it. No SHA-256 is published, so
-MD5 is checked here; pass --sha256 instead if you have one (then
-`course_lib.download.download_file` does the whole job).
+the MD5 is checked (`download_file(..., md5=...)`); pass --sha256 instead if you have one.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
-import socket
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 import zipfile
 from pathlib import Path
-
-from tqdm.auto import tqdm
 
 from course_lib import config
 from course_lib.download import ChecksumError, DownloadError, download_file, extract_archive
@@ -62,59 +55,6 @@ def default_destination() -> Path:
 def main_split_members() -> list[str]:
     """The archive members `load_scanobjectnn` reads: h5_files/<split folder>/<file>.h5 (six files)."""
     return sorted(f"h5_files/{name.format(split=split)}" for name in SCANOBJECTNN_FILES.values() for split in ("training", "test"))
-
-
-def md5_of(path: str | os.PathLike) -> str:
-    """Hex MD5 of a file, read in 1 MiB chunks."""
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def download_file_md5(url: str, dest: Path, md5: str, *, progress: bool = True, timeout: float = 10.0) -> Path:
-    """Like `course_lib.download.download_file`, for a file that only has a published MD5.
-
-    Bytes go to `<dest>.part`, continued with an HTTP Range request after an interruption; the
-    MD5 is checked before the rename to `dest`; a mismatch deletes the .part (ChecksumError).
-    """
-    md5 = md5.lower()
-    if len(md5) != 32 or any(c not in "0123456789abcdef" for c in md5):
-        raise ValueError(f"md5 must be 32 hexadecimal characters, got {md5!r}")
-    if dest.exists() and md5_of(dest) == md5:
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    offset = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"User-Agent": "course_lib-download"})
-    if offset:
-        request.add_header("Range", f"bytes={offset}-")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            resumed = offset > 0 and getattr(response, "status", None) == 206
-            length = response.headers.get("Content-Length")
-            total = (int(length) + (offset if resumed else 0)) if length and length.isdigit() else None
-            with open(part, "ab" if resumed else "wb") as handle, tqdm(
-                total=total, initial=offset if resumed else 0, unit="B", unit_scale=True, desc=dest.name, disable=not progress, leave=False
-            ) as bar:
-                for chunk in iter(lambda: response.read(_CHUNK), b""):
-                    handle.write(chunk)
-                    bar.update(len(chunk))
-    except urllib.error.HTTPError as error:
-        if not (error.code == 416 and offset):  # 416: the .part is already complete
-            raise DownloadError(f"could not download {url}: HTTP {error.code} {error.reason}") from error
-    except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as error:
-        reason = getattr(error, "reason", error)
-        raise DownloadError(f"could not download {url}: the network is not reachable from here ({reason}). {OFFLINE_HINT}") from error
-    actual = md5_of(part)
-    if actual != md5:
-        part.unlink()
-        raise ChecksumError(
-            f"{url} downloaded with MD5 {actual}, expected {md5}: corrupt or changed upstream; deleted, run again to retry"
-        )
-    os.replace(part, dest)
-    return dest
 
 
 def _extract_members(archive: Path, members: list[str], dest: Path) -> None:
@@ -158,13 +98,11 @@ def download_scanobjectnn(
     folder = dest / "h5_files"
     if not everything and all((dest / member).exists() for member in main_split_members()):
         return folder
-    archive = dest / "h5_files.zip"
-    if sha256 is not None:
-        download_file(url, archive, sha256, progress=progress, offline_hint=OFFLINE_HINT)
-    elif md5 is not None:
-        download_file_md5(url, archive, md5, progress=progress)
-    else:
+    if sha256 is None and md5 is None:
         raise ValueError("give a checksum (md5 or sha256): an unverified 13 GB download is not accepted")
+    archive = dest / "h5_files.zip"
+    md5 = md5 if sha256 is None else None  # the SHA-256 when there is one
+    download_file(url, archive, sha256, md5=md5, progress=progress, offline_hint=OFFLINE_HINT)
     if everything:
         extract_archive(archive, folder, strip_top_level=True)
     else:

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from course_lib.download import ChecksumError, DownloadError, download_file, extract_archive, sha256_of
+from course_lib.download import ChecksumError, DownloadError, download_file, extract_archive, file_digest, sha256_of
 from course_lib.text import load_glue_tsv
 from data_scripts import download_glue  # importable from the repository root (pytest pythonpath)
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
+PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()
 
 
 class _Server:
@@ -86,6 +87,38 @@ def test_sha256_of_known_digest(tmp_path):
     path = tmp_path / "abc"
     path.write_bytes(b"abc")
     assert sha256_of(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_file_digest_known_digests(tmp_path):
+    path = tmp_path / "abc"
+    path.write_bytes(b"abc")  # RFC 1321 and FIPS 180-2 test vectors
+    assert file_digest(path, "md5") == "900150983cd24fb0d6963f7d28e17f72"
+    assert file_digest(path) == file_digest(path, "sha256") == sha256_of(path)
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        file_digest(path, "sha1")
+
+
+def test_md5_download_verifies_resumes_and_rejects_corruption(tmp_path):
+    dest = tmp_path / "data.bin"
+    (tmp_path / "data.bin.part").write_bytes(PAYLOAD[:300_000])  # an interrupted earlier run
+    with _Server({"/data.bin": PAYLOAD, "/bad.bin": PAYLOAD[:-1] + b"X"}) as server:
+        download_file(server.url("/data.bin"), dest, md5=PAYLOAD_MD5.upper(), progress=False)
+        assert dest.read_bytes() == PAYLOAD and not (tmp_path / "data.bin.part").exists()
+        download_file(server.url("/data.bin"), dest, md5=PAYLOAD_MD5, progress=False)  # verified: not fetched again
+        with pytest.raises(ChecksumError, match="MD5 .*expected " + PAYLOAD_MD5):
+            download_file(server.url("/bad.bin"), tmp_path / "bad.bin", md5=PAYLOAD_MD5, progress=False)
+    assert server.requests == [("/data.bin", "bytes=300000-"), ("/bad.bin", None)]
+    assert not (tmp_path / "bad.bin").exists() and not (tmp_path / "bad.bin.part").exists()
+
+
+def test_download_needs_exactly_one_checksum(tmp_path):
+    with pytest.raises(ValueError, match="exactly one checksum.*neither"):
+        download_file("file:///dev/null", tmp_path / "n")
+    with pytest.raises(ValueError, match="exactly one checksum.*sha256 and md5"):
+        download_file("file:///dev/null", tmp_path / "n", PAYLOAD_SHA, md5=PAYLOAD_MD5)
+    with pytest.raises(ValueError, match="md5 must be 32 hexadecimal"):
+        download_file("file:///dev/null", tmp_path / "n", md5=PAYLOAD_SHA)  # a SHA-256 passed as MD5
+    assert not list(tmp_path.iterdir())
 
 
 def test_download_verifies_and_leaves_no_part_file(tmp_path):

@@ -394,9 +394,10 @@ def test_download_scanobjectnn_resumes_a_partial_download(server, tmp_path):
     dest.mkdir()
     whole = (served / "h5_files.zip").read_bytes()
     (dest / "h5_files.zip.part").write_bytes(whole[: len(whole) // 2])  # an interrupted earlier run
-    download_scanobjectnn.download_file_md5(f"{base}/h5_files.zip", dest / "h5_files.zip", md5, progress=False)
+    download_scanobjectnn.download_scanobjectnn(dest, f"{base}/h5_files.zip", md5, keep_archive=True, progress=False)
     assert _RangeHandler.ranges == [f"bytes={len(whole) // 2}-"]
     assert (dest / "h5_files.zip").read_bytes() == whole and not (dest / "h5_files.zip.part").exists()
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*.h5")) == download_scanobjectnn.main_split_members()
 
 
 def test_download_scanobjectnn_refuses_a_wrong_md5_and_needs_the_terms(server, tmp_path, capsys):
@@ -406,6 +407,8 @@ def test_download_scanobjectnn_refuses_a_wrong_md5_and_needs_the_terms(server, t
     with pytest.raises(ChecksumError, match="MD5"):
         download_scanobjectnn.download_scanobjectnn(dest, f"{base}/h5_files.zip", "0" * 32, progress=False)
     assert not list(dest.iterdir())
+    with pytest.raises(ValueError, match="give a checksum"):
+        download_scanobjectnn.download_scanobjectnn(dest, f"{base}/h5_files.zip", md5=None, progress=False)
     with pytest.raises(SystemExit) as exit_info:
         download_scanobjectnn.main(["--dest", str(dest), "--url", f"{base}/h5_files.zip"])
     assert exit_info.value.code == 2 and "terms of use" in capsys.readouterr().err

@@ -165,6 +165,24 @@ def test_pb_t50_rs_turns_the_object_about_the_up_axis_only():
     assert np.abs(slope).max() < np.tan(np.radians(10))
 
 
+def test_pb_t50_rs_box_holds_visible_object_points():
+    # seeds whose first box held >= 15% of the dense object surface but (almost) none of the
+    # visible object points, when visibility was decided after the box: 0-3% object points
+    for seed in (35, 54, 56, 513):
+        _, mask = _views(seed)["pb_t50_rs"]
+        assert mask.mean() >= 0.1, (seed, mask.mean())
+
+
+def test_pb_t50_rs_falls_back_on_the_unperturbed_box():
+    # boxes shifted by up to 100 object sizes never hold the object: after the last redraw the
+    # object's own box is used, so the view is the object, centred, plus a little background
+    rng = np.random.default_rng(0)
+    scene = scans.build_scene(_ball_on_floor(), rng)
+    points, mask = scans.scan_views(scene, 512, rng, max_shift=100.0)["pb_t50_rs"]
+    assert mask.mean() > 0.8
+    assert np.abs(points[mask].mean(axis=0)[[0, 2]]).max() < 0.5  # centred in x and z (seen from one side)
+
+
 def test_resample_indices():
     rng = np.random.default_rng(0)
     many = scans.resample_indices(100, 30, rng)
@@ -203,6 +221,13 @@ def test_generated_sets_have_the_documented_layout():
     np.testing.assert_allclose(norms.max(axis=1), 1.0, atol=1e-5)  # every clean shape touches the unit sphere
     np.testing.assert_allclose(clean["points"].mean(axis=1), 0.0, atol=1e-5)  # centred on its centroid
     assert list(clean["class_names"]) == SCANOBJECTNN_ORDER
+
+
+def test_every_pb_t50_rs_cloud_holds_object_points():
+    scan = datasets.generate_shape_sets(TINY, "scan", progress=False)
+    for variant, minimum in (("obj_only", 1.0), ("obj_bg", 0.1), ("pb_t50_rs", 0.1)):
+        share = scan[variant]["masks"].mean(axis=1)  # (S,) object share of each cloud, as its mask says
+        assert share.min() >= minimum, (variant, share.min())
 
 
 def test_a_smaller_set_is_a_prefix_of_a_larger_one():

@@ -110,7 +110,7 @@ class PointCloudDataset(Dataset):
 # ----------------------------------------------------------------------------------------------
 
 #: Bumped whenever the generator changes what it writes (stale files are regenerated).
-SHAPES_VERSION: int = 1
+SHAPES_VERSION: int = 2
 #: "clean" plus the three scan-like variants of `course_lib.points.scans`.
 SHAPE_VARIANTS: tuple[str, ...] = ("clean", "obj_only", "obj_bg", "pb_t50_rs")
 #: Shapes per class and split that `load_shapes` keeps under COURSE_FAST=1.

@@ -18,7 +18,10 @@ what the cut contains; this module mirrors them on the procedural meshes of
   of its size along each axis, rotated by a random angle about the up axis and scaled by
   0.8-1.2 per axis. Parts of the object fall outside and more background falls inside; the
   points are expressed in the perturbed box's frame (so the object is off-centre and turned)
-  and tilted by up to 5 degrees.
+  and tilted by up to 5 degrees. A box is kept only if it holds at least 15% of the object's
+  dense surface and 15% of its *visible* points (checked after hidden point removal: a box
+  around the object's hidden back would cut a cloud with no object in it); if 20 boxes fail,
+  the object's own box, unperturbed (not shifted, turned or scaled), is used instead.
 
 Every view is centred on the centre of its box (annotated or perturbed, never the object's
 own centroid) and scaled so that its farthest point lies on the unit sphere. Objects stand on
@@ -43,6 +46,11 @@ __all__ = ["SCAN_VARIANTS", "Scene", "build_scene", "scan_views", "resample_indi
 
 #: The three scan-like variants, named as in ScanObjectNN (lower case).
 SCAN_VARIANTS: tuple[str, ...] = ("obj_only", "obj_bg", "pb_t50_rs")
+#: PB_T50_RS keeps a perturbed box only if it holds this share of the object's dense surface
+#: and of its visible points...
+_MIN_OBJECT_IN_BOX: float = 0.15
+#: ...drawing at most this many boxes per test before it falls back on the object's own box.
+_MAX_BOX_DRAWS: int = 20
 
 
 @dataclass
@@ -168,31 +176,57 @@ def scan_views(
     low = scene.box_min - np.array([margin[0], 0.02 * size[1] + slack, margin[2]])
     high = scene.box_max + margin
 
-    # PB_T50_RS's box: shifted by up to 50% of the size, turned about y, scaled by 0.8-1.2
-    object_points = scene.points[scene.is_object]
-    for _ in range(20):  # redraw the rare box that holds almost none of the object
-        box_centre = centre + rng.uniform(-max_shift, max_shift, size=3) * size
-        turn = rotation_about_axis(_UP, rng.uniform(0, 2 * np.pi))
-        half = 0.5 * size * rng.uniform(0.8, 1.2, size=3) + slack
-        if np.all(np.abs((object_points - box_centre) @ turn) <= half, axis=1).mean() >= 0.15:
-            break
-
     def in_bg_box(points: np.ndarray) -> np.ndarray:
         return np.all((points >= low) & (points <= high), axis=1)
 
-    def in_perturbed_box(points: np.ndarray) -> np.ndarray:
+    def in_box(points: np.ndarray, box: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+        box_centre, turn, half = box
         return np.all(np.abs((points - box_centre) @ turn) <= half, axis=1)  # turn^T (p - c), box frame
 
-    # scan: camera on the upper hemisphere, in front of the wall if there is one. Only the
-    # points that some view can keep take part (hidden point removal costs O(M log M)).
+    # PB_T50_RS's box: shifted by up to 50% of the size, turned about y, scaled by 0.8-1.2
+    object_points = scene.points[scene.is_object]
+
+    def draw_box() -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """A perturbed box (centre, turn, half size) holding >= 15% of the object's dense surface,
+        a cheap first test before the scan; None if 20 draws miss."""
+        for _ in range(_MAX_BOX_DRAWS):
+            box = (
+                centre + rng.uniform(-max_shift, max_shift, size=3) * size,
+                rotation_about_axis(_UP, rng.uniform(0, 2 * np.pi)),
+                0.5 * size * rng.uniform(0.8, 1.2, size=3) + slack,
+            )
+            if in_box(object_points, box).mean() >= _MIN_OBJECT_IN_BOX:
+                return box
+        return None
+
+    box = draw_box()
+    # scan: camera on the upper hemisphere, in front of the wall if there is one
     azimuth = rng.uniform(-0.45, 0.45) * np.pi if scene.wall_behind else rng.uniform(-1, 1) * np.pi
     elevation = rng.uniform(15, 60) * np.pi / 180
     direction = np.array([np.sin(azimuth) * np.cos(elevation), np.sin(elevation), np.cos(azimuth) * np.cos(elevation)])
     camera = centre + rng.uniform(2.5, 4.0) * radius * direction
-    candidates = np.flatnonzero(scene.is_object | in_bg_box(scene.points) | in_perturbed_box(scene.points))
-    seen = candidates[hidden_point_removal(scene.points[candidates], camera, radius_factor=1000.0)]  # near-exact visibility
-    points = scene.points[seen] + rng.normal(0, noise * radius, size=(len(seen), 3))  # (V, 3) with sensor noise
-    is_object = scene.is_object[seen]
+    in_obj_views = scene.is_object | in_bg_box(scene.points)
+
+    def scan(box: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Visible points (V, 3) with sensor noise and their object mask (V,). Only the points that
+        some view can keep take part (hidden point removal costs O(M log M))."""
+        candidates = np.flatnonzero(in_obj_views | in_box(scene.points, box))
+        seen = candidates[hidden_point_removal(scene.points[candidates], camera, radius_factor=1000.0)]  # near-exact
+        return scene.points[seen] + rng.normal(0, noise * radius, size=(len(seen), 3)), scene.is_object[seen]
+
+    # The box must also hold >= 15% of the object's *visible* points: one around the object's
+    # hidden back would cut a cloud without object. Redrawn, with a new scan (the box decides
+    # which points take part), at most 20 times; then the object's own box, unperturbed.
+    for _ in range(_MAX_BOX_DRAWS):
+        if box is not None:
+            points, is_object = scan(box)
+            visible_object = points[is_object]  # (V_obj, 3)
+            if len(visible_object) and in_box(visible_object, box).mean() >= _MIN_OBJECT_IN_BOX:
+                break
+        box = draw_box()
+    else:  # not shifted, turned or scaled: the object's box plus the noise slack
+        box = (centre, np.eye(3), 0.5 * size + slack)
+        points, is_object = scan(box)
 
     views = {}
     obj = points[is_object]
@@ -203,9 +237,8 @@ def scan_views(
     chosen = resample_indices(int(inside.sum()), num_points, rng)
     views["obj_bg"] = (_to_unit_sphere(points[inside][chosen] - (low + high) / 2), is_object[inside][chosen])
 
-    inside = in_perturbed_box(points)
-    if not inside.any():  # nothing visible in the perturbed box (very rare): fall back on OBJ_BG's
-        inside = in_bg_box(points)
+    inside = in_box(points, box)
+    box_centre, turn, _ = box
     local = (points[inside] - box_centre) @ turn
     tilt = rotation_about_axis(0, rng.uniform(-1, 1) * np.pi / 36) @ rotation_about_axis(2, rng.uniform(-1, 1) * np.pi / 36)
     chosen = resample_indices(len(local), num_points, rng)
