@@ -107,13 +107,12 @@ def plot_point_cloud(
     xyz = _cloud(points)
     ax = _new_axes(ax, figsize)
     order = _display_order(up_axis)
-    if colors is None:
-        colour_values: Any = "tab:blue"
-    elif isinstance(colors, (str, tuple)):
-        colour_values = colors  # one matplotlib colour for every point ("tab:red", (1, 0, 0))
+    if colors is None or isinstance(colors, (str, tuple)):
+        # one matplotlib colour for every point ("tab:red", (1, 0, 0))
+        colour: dict[str, Any] = {"color": "tab:blue" if colors is None else colors}
     else:
-        colour_values = _numpy(colors)
-    ax.scatter(*(xyz[:, axis] for axis in order), c=colour_values, s=point_size, depthshade=False, linewidths=0)
+        colour = {"c": _numpy(colors)}  # per-point RGB(A) rows or values for a colour map
+    ax.scatter(*(xyz[:, axis] for axis in order), s=point_size, depthshade=False, linewidths=0, **colour)
     _finish_axes(ax, xyz, up_axis, title, elev, azim)
     return ax.figure
 
