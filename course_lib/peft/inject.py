@@ -22,6 +22,7 @@ from typing import Any, Union
 
 from torch import nn
 
+from course_lib.meters.parameters import count_parameters
 from course_lib.peft.adapters import (
     BERT_ADAPTER_TARGETS,
     AdapterConfig,
@@ -41,7 +42,6 @@ __all__ = [
     "METHODS",
     "InjectionReport",
     "inject_peft",
-    "count_parameters",
     "merge_and_unload",
     "remove_peft",
 ]
@@ -101,12 +101,6 @@ class InjectionReport:
             ("also trainable", ", ".join(self.trainable_modules) or "-"),
         ]
         return "| | |\n| --- | --- |\n" + "\n".join(f"| {key} | {value} |" for key, value in rows)
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts of `model`; shared parameters counted once."""
-    parameters = list(model.parameters())  # .parameters() already skips duplicates
-    return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
 
 
 def _make_config(method: str | PEFTConfig, options: dict[str, Any]) -> PEFTConfig:
@@ -323,9 +317,10 @@ def inject_peft(
     for parameter in new_parameters:
         parameter.requires_grad_(True)
 
-    trainable, total = count_parameters(model)
+    counts = count_parameters(model)  # the course's parameter meter (notebook 03)
     return InjectionReport(
-        method=config.method, replaced=replaced, trainable_params=trainable, total_params=total, trainable_modules=keep
+        method=config.method, replaced=replaced, trainable_params=counts.trainable, total_params=counts.total,
+        trainable_modules=keep,
     )
 
 
