@@ -26,7 +26,7 @@ setup: $(STAMP)
 data: $(STAMP)
 	$(PY) -m data_scripts.make_all
 
-unit: $(STAMP)
+unit: $(STAMP) data
 	$(PY) -m pytest tests -q
 
 nbval: $(STAMP) data
