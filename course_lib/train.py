@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from course_lib import config
 from course_lib.results import write_json
 
-__all__ = ["set_seed", "split_batch", "move_to_device", "default_loss", "History", "train", "evaluate"]
+__all__ = ["set_seed", "split_batch", "move_to_device", "default_loss", "History", "train", "evaluate", "recalibrate_batch_norm"]
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -268,3 +268,31 @@ def train(
     if results_path is not None:
         write_json(results_path, history.to_dict())
     return history
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model: nn.Module, dataset: Any, *, batch_size: int = 32) -> nn.Module:
+    """Recompute every BatchNorm's running mean and variance over `dataset` with the final weights.
+
+    "Precise BatchNorm" (Wu and Johnson, 2021): after training, the running statistics (an
+    exponential average, momentum 0.1, of batch statistics seen while the weights moved) can lag
+    behind the network; replacing them with a plain average over the training data fixes eval
+    mode. `dataset` yields (inputs, label) pairs. Returns the model in eval mode, momenta restored.
+
+    Derived in notebooks/part2_point_peft/13_point_baselines.ipynb.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise ValueError("recalibrate_batch_norm: the model has no BatchNorm layer to recalibrate")
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()  # mean 0, variance 1, count 0
+        norm.momentum = None  # None: a cumulative (plain) average over the batches
+    model.train()
+    try:
+        for inputs, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+            model(inputs)
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+    return model.eval()

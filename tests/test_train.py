@@ -172,3 +172,21 @@ def test_set_seed_replays_all_generators():
     set_seed(42)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
     assert not math.isnan(a[2])
+
+
+def test_recalibrate_batch_norm_sets_the_plain_average_over_the_data():
+    from course_lib.train import recalibrate_batch_norm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    data = [(torch.randn(3) * 5 + 2, 0) for _ in range(8)]
+    recalibrate_batch_norm(model, data, batch_size=4)  # two equal batches: average of batch means
+    with torch.no_grad():
+        hidden = model[0](torch.stack([x for x, _ in data]))  # (8, 4), brute force
+    norm = model[1]
+    assert torch.allclose(norm.running_mean, hidden.mean(dim=0), atol=1e-5)
+    batch_vars = [hidden[i:i + 4].var(dim=0, unbiased=True) for i in (0, 4)]
+    assert torch.allclose(norm.running_var, (batch_vars[0] + batch_vars[1]) / 2, atol=1e-4)
+    assert not model.training and norm.momentum == 0.1
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        recalibrate_batch_norm(torch.nn.Linear(3, 4), data)
