@@ -195,10 +195,11 @@ def test_group_points_relative_to_centres():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_sample_and_group_equals_fps_then_group(dtype):
+@pytest.mark.parametrize("num_groups", [16, 45, 70])  # within one chunk of FPS rows, and 32 + 13, 2 * 32 + 6
+def test_sample_and_group_equals_fps_then_group(dtype, num_groups):
     points = random_clouds(dtype=dtype)
-    fused = sample_and_group(points, 16, 10, start_index=4)
-    separate = group_points(points, farthest_point_sample(points, 16, start_index=4), 10)
+    fused = sample_and_group(points, num_groups, 10, start_index=4)
+    separate = group_points(points, farthest_point_sample(points, num_groups, start_index=4), 10)
     assert torch.equal(fused.centre_indices, separate.centre_indices)
     assert torch.equal(fused.neighbour_indices, separate.neighbour_indices)
     torch.testing.assert_close(fused.neighbourhoods, separate.neighbourhoods)

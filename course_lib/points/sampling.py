@@ -79,27 +79,40 @@ def _start_indices(
 
 @torch.no_grad()
 def _farthest_point_loop(
-    points: Tensor, num_samples: int, start: Tensor, on_step: Callable[[int, Tensor], None] | None = None
+    points: Tensor,
+    num_samples: int,
+    start: Tensor,
+    distance_rows: Tensor | None = None,
+    on_rows: Callable[[int, int, Tensor], None] | None = None,
 ) -> Tensor:
-    """The FPS loop; returns the chosen indices (B, G). `on_step(i, sq_dist)`, if given, sees each
-    new centre's squared distances to all points (B, N) (kNN grouping reuses them)."""
+    """The FPS loop; returns the chosen indices (B, G).
+
+    Every step computes its new centre's squared distances to all points, a (B, N) row. kNN
+    grouping reuses them: if `distance_rows` (B, S, N) is given, step i writes its row into slot
+    i % S, and every S steps (and after the last) `on_rows(first, stop, rows)` sees the rows
+    (B, stop - first, N) of centres first..stop-1. Handing rows over in chunks lets the caller
+    run one batched top-k per S centres instead of one per centre.
+    """
     batch_size, num_points, _ = points.shape
     coordinates = points.transpose(1, 2).contiguous()  # (B, 3, N): one contiguous row per axis
     batch = torch.arange(batch_size, device=points.device)  # (B,)
     selected = torch.empty(batch_size, num_samples, dtype=torch.long, device=points.device)  # (B, G)
     min_sq_dist = torch.full((batch_size, num_points), float("inf"), dtype=points.dtype, device=points.device)  # (B, N)
     difference = torch.empty_like(coordinates)  # (B, 3, N), reused every step
-    sq_dist = torch.empty_like(min_sq_dist)  # (B, N), reused every step
+    chunk = distance_rows.shape[1] if distance_rows is not None else 1
+    scratch = torch.empty_like(min_sq_dist)  # (B, N), used when nobody wants the rows
     farthest = start  # (B,)
     for i in range(num_samples):
         selected[:, i] = farthest
         centre = points[batch, farthest]  # (B, 3)
+        sq_dist = distance_rows[:, i % chunk] if distance_rows is not None else scratch  # (B, N) view
         torch.sub(coordinates, centre[:, :, None], out=difference).square_()  # (p - c)^2 per axis   (B, 3, N)
         torch.add(difference[:, 0], difference[:, 1], out=sq_dist).add_(difference[:, 2])  # ||p_j - c_i||^2  (B, N)
-        if on_step is not None:
-            on_step(i, sq_dist)
         torch.minimum(min_sq_dist, sq_dist, out=min_sq_dist)  # distance to the nearest centre so far
         farthest = min_sq_dist.max(dim=1).indices  # next centre: the worst-covered point (first one on ties)
+        if on_rows is not None and (i % chunk == chunk - 1 or i == num_samples - 1):
+            first = i - i % chunk
+            on_rows(first, i + 1, distance_rows[:, : i + 1 - first])
     return selected
 
 
