@@ -271,13 +271,21 @@ def train(
 
 
 @torch.no_grad()
-def recalibrate_batch_norm(model: nn.Module, dataset: Any, *, batch_size: int = 32) -> nn.Module:
+def recalibrate_batch_norm(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    batch_size: int = 32,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> nn.Module:
     """Recompute every BatchNorm's running mean and variance over `dataset` with the final weights.
 
     "Precise BatchNorm" (Wu and Johnson, 2021): after training, the running statistics (an
     exponential average, momentum 0.1, of batch statistics seen while the weights moved) can lag
     behind the network; replacing them with a plain average over the training data fixes eval
-    mode. `dataset` yields (inputs, label) pairs. Returns the model in eval mode, momenta restored.
+    mode. `dataset` yields (inputs, label) pairs, or anything `forward(model, batch)` runs the
+    model on (e.g. a model that also takes dataset indices). Returns the model in eval mode,
+    momenta restored.
 
     Derived in notebooks/part2_point_peft/13_point_baselines.ipynb.
     """
@@ -290,8 +298,11 @@ def recalibrate_batch_norm(model: nn.Module, dataset: Any, *, batch_size: int = 
         norm.momentum = None  # None: a cumulative (plain) average over the batches
     model.train()
     try:
-        for inputs, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-            model(inputs)
+        for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+            if forward is not None:
+                forward(model, batch)
+            else:
+                model(split_batch(batch)[0])
     finally:
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum

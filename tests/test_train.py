@@ -190,3 +190,21 @@ def test_recalibrate_batch_norm_sets_the_plain_average_over_the_data():
     assert not model.training and norm.momentum == 0.1
     with pytest.raises(ValueError, match="no BatchNorm"):
         recalibrate_batch_norm(torch.nn.Linear(3, 4), data)
+
+
+def test_recalibrate_batch_norm_with_a_custom_forward():
+    from course_lib.train import recalibrate_batch_norm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    data = [{"x": torch.randn(3), "labels": 0} for _ in range(8)]
+    seen = []
+
+    def forward(m, batch):  # a model that needs its inputs by name
+        seen.append(batch["x"].shape[0])
+        return m(batch["x"])
+
+    recalibrate_batch_norm(model, data, batch_size=8, forward=forward)
+    with torch.no_grad():
+        hidden = model[0](torch.stack([item["x"] for item in data]))
+    assert seen == [8] and torch.allclose(model[1].running_mean, hidden.mean(dim=0), atol=1e-5)

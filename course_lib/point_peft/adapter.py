@@ -25,7 +25,9 @@ Official code vs paper (the official code's choice is the default, the other is 
   1/sqrt(head_dim) (`scale=head_dim ** -0.5` gives the usual one).
 - The bottlenecks use QuickGELU (x * sigmoid(1.702 x)), Xavier-uniform weights and biases
   ~ N(0, 1e-6): they do *not* start at zero, so the wrapped model does not start exactly where
-  the pretrained one is (`zero_init=True` zeroes the up-projection instead).
+  the pretrained one is (`zero_init=True` zeroes the up-projections instead). Even then the
+  local-geometry term 0.3 * sum_a w_ta (GELU(BN(max)) + 0.3 x_a) is not zero at the start: for
+  an exact start set `anchor_scale = propagation_scale = 0` as well (notebook 15 measures it).
 - Only the patch tokens receive the propagated vectors; prompt tokens join the groups (through
   their coordinates) but are changed only by the final bottleneck, as in the official code.
 - The official code groups the prompt coordinates by re-running its point tokenizer on
@@ -231,8 +233,12 @@ class GeometryAwareAdapter(nn.Module):
         G, n = grouping.propagation_indices.shape[1:]
         if G != T - 1 - num_prompts:
             raise ValueError(f"the grouping propagates to {G} patch tokens, but x has {T - 1 - num_prompts}")
-        source = gather_points(pooled, grouping.propagation_indices)  # (B, G, n, C)
-        interpolated = (source * grouping.propagation_weights.unsqueeze(-1)).sum(dim=2)  # sum_a w_ta g_a (B, G, C)
+        # sum_a w_ta g_a as one batched matrix product: scatter the n weights of each token into a
+        # dense (B, G, A) matrix (zeros elsewhere), then (B, G, A) @ (B, A, C). The same sum as
+        # gathering (B, G, n, C) anchor vectors, without materialising them (n = A by default).
+        weights = pooled.new_zeros(B, G, pooled.shape[1])  # (B, G, A)
+        weights = weights.scatter(2, grouping.propagation_indices, grouping.propagation_weights.to(pooled.dtype))
+        interpolated = torch.bmm(weights, pooled)  # (B, G, C)
         patches = tokens[:, num_prompts:] + self.propagation_scale * interpolated  # (B, G, C)
         x = torch.cat([cls, tokens[:, :num_prompts], patches], dim=1)  # (B, 1+P+G, C)
         return self.final_adapter(x)  # x + Adapter(x)

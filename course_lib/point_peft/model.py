@@ -87,8 +87,12 @@ class PointPEFTConfig:
         anchor_scale: g_a += 0.3 * x_a.   propagation_scale: x_t += 0.3 * interpolation.
         propagation_neighbours: None = all anchors (official), 3 = PointNet++ / paper.
         exclude_self: training shapes never retrieve their own bank row (needs `indices`).
-        zero_init: start every bottleneck at zero (official: no; Xavier init).
+        zero_init: start every bottleneck at zero (official: no; Xavier init). The local-geometry
+            term still moves the output at the start (see adapter.py).
         train_biases: train the frozen blocks' biases (official: yes).
+        bank_query_in_training: in training, take a shape's retrieval query from its own bank
+            row (its feature without augmentation) instead of running the frozen query encoder
+            on the augmented cloud (official: run it). Saves one frozen forward per step.
     """
 
     use_prompt: bool = True
@@ -113,6 +117,7 @@ class PointPEFTConfig:
     exclude_self: bool = True
     zero_init: bool = False
     train_biases: bool = True
+    bank_query_in_training: bool = False
 
     def __post_init__(self) -> None:
         if not (self.use_prompt or self.use_adapter):
@@ -310,6 +315,8 @@ class PointPEFTModel(nn.Module):
         """The retrieved prompt set (B, K+2, C) for a batch (see `parameter_free_attention`)."""
         if self.query_encoder is None:
             raise ValueError("this model has no memory bank (use_prompt and use_memory_bank must both be on)")
+        if query_features is None and self.training and indices is not None and self.config.bank_query_in_training:
+            query_features = self.bank_features[indices]  # (B, C): the shapes' own rows, un-augmented
         if query_features is None:
             with torch.no_grad():
                 query_features = self.query_encoder.pooled_features(points)  # (B, C), frozen

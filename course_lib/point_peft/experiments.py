@@ -1,0 +1,400 @@
+"""The fine-tuning settings that notebook 16 compares, as functions a worker process can run.
+
+Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb (the recipe itself in
+13_point_baselines.ipynb).
+
+One *run* is (setting, seed, recipe): build the model for the setting from the shipped
+pretrained tiny Point-MAE (or from scratch), fine-tune it on a shape variant, and measure
+test accuracy, trainable share, seconds per epoch and activation memory per step:
+
+    row = run_setting(SettingRun("point_peft", seed=0, recipe=PointRecipe()))
+    rows = run_settings([SettingRun(s, seed, recipe) for s in SETTINGS for seed in (0, 1, 2)], workers=2)
+    table = summarize(rows)                    # {setting: {"acc_mean", "acc_std", ...}}
+
+The recipe (notebook 13): one epoch that trains only the parts the checkpoint does not have
+(head, CLS token and position), then `num_epochs` that train the setting's set, AdamW with
+cosine decay and warm-up, scale + up-axis rotation augmentation on the scans; after training
+the BatchNorm statistics are recomputed over the training set ("precise BN",
+`course_lib.train.recalibrate_batch_norm`) before testing.
+
+Sizes for the tiny backbone (C = 128, a third of the paper's 384): the head's hidden width and
+the bottlenecks are scaled down with it, `TINY_HEAD_HIDDEN_DIM = 48` (paper 256 at C = 384) and
+`tiny_point_peft_config()` with C -> 4 -> C adapter and retrieval bottlenecks (paper 16 and 8).
+With them Point-PEFT trains 4.8% of the parameters (the official sizes: 15.5%, a third of it the
+head). All settings use the same head, so their accuracies compare like for like.
+
+Runs are independent and seeded, so `run_settings` can spread them over worker processes (one
+torch thread each): on a 2-core laptop two workers finish a grid in about half the time, and
+every result is the same as in one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from course_lib.meters import count_parameters, measure_activation_memory
+from course_lib.peft import inject_peft
+from course_lib.point_peft.memory_bank import build_memory_bank
+from course_lib.point_peft.model import PointPEFTConfig, PointPEFTModel
+from course_lib.points.checkpoint import load_pretrained_point_mae
+from course_lib.points.datasets import SHAPE_VARIANTS, load_shapes
+from course_lib.points.point_mae import PointMAEConfig, PointMAEEncoder, extract_features
+from course_lib.points.pretrain import linear_probe_accuracy
+from course_lib.points.transforms import random_scale_translate, rotate_about_up_axis
+from course_lib.train import evaluate, recalibrate_batch_norm, set_seed, train
+
+__all__ = [
+    "SETTINGS",
+    "TINY_HEAD_HIDDEN_DIM",
+    "tiny_point_peft_config",
+    "PointRecipe",
+    "SettingRun",
+    "scan_augmentation",
+    "clean_augmentation",
+    "build_setting",
+    "run_setting",
+    "run_settings",
+    "summarize",
+]
+
+#: The settings of notebook 16, from no pretraining to Point-PEFT.
+SETTINGS = ("from_scratch", "linear_probe", "full_finetune", "lora", "prompt_only", "adapter_only", "point_peft")
+
+#: Hidden width of the classification head for the tiny backbone (Point-MAE: 256 at C = 384).
+TINY_HEAD_HIDDEN_DIM = 48
+
+#: Parameters that the pretrained checkpoint does not have: trained alone in the first epoch.
+NEW_PARTS = ("head.", "cls_token", "cls_position")
+
+#: LoRA on the attention's query and value projections of every block (peft's BERT default).
+LORA_TARGETS = r"blocks\.\d+\.attention\.(query|value)"
+
+
+def tiny_point_peft_config(**overrides: Any) -> PointPEFTConfig:
+    """Point-PEFT for the tiny backbone: the official config with C -> 4 -> C bottlenecks.
+
+    The official adapter (C -> 16 -> C) and retrieval (C -> 8 -> C) bottlenecks are for C = 384;
+    scaled by 128 / 384 they are about 5 and 3.
+    `bank_query_in_training=True`: a training shape's retrieval query is its bank row (see
+    `PointPEFTConfig`), which saves one frozen forward per step.
+    """
+    return PointPEFTConfig(**({"adapter_bottleneck": 4, "retrieval_bottleneck": 4, "bank_query_in_training": True} | overrides))
+
+
+def scan_augmentation(points: Tensor) -> Tensor:
+    """(N, 3) -> (N, 3): scale U(0.9, 1.1) per axis, turn U(0, 2 pi) about the up axis (PB_T50_RS)."""
+    return rotate_about_up_axis(random_scale_translate(points, scale_range=(0.9, 1.1), translate_range=0.0))
+
+
+def clean_augmentation(points: Tensor) -> Tensor:
+    """(N, 3) -> (N, 3): scale U(2/3, 3/2) per axis and shift U(-0.2, 0.2) (the clean set)."""
+    return random_scale_translate(points)
+
+
+@dataclass(frozen=True)
+class PointRecipe:
+    """Data and training recipe of one run (defaults: notebook 13's, with the tiny head).
+
+    Attributes:
+        variant: shape variant ("pb_t50_rs", "clean", ...).
+        train_per_class / test_per_class: shapes per class (None: all stored).
+        num_points: points per cloud the encoder sees (it was pretrained on 1024).
+        head_epochs: epochs that train only `NEW_PARTS` first; num_epochs: epochs of the setting.
+        lr: full fine-tuning and from scratch; peft_lr: every other trained setting.
+        lora_rank: LoRA's r (alpha = 2 r).
+        activation_batch: batch size for the activation-memory meter (one training step).
+    """
+
+    variant: str = "pb_t50_rs"
+    train_per_class: int | None = 40
+    test_per_class: int | None = None
+    num_points: int = 1024
+    batch_size: int = 32
+    head_epochs: int = 1
+    num_epochs: int = 7
+    lr: float = 1e-3
+    peft_lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_ratio: float = 0.1
+    head_hidden_dim: int = TINY_HEAD_HIDDEN_DIM
+    head_dropout: float = 0.1
+    lora_rank: int = 8
+    precise_batch_norm: bool = True
+    activation_batch: int = 32
+
+    def __post_init__(self) -> None:
+        if self.variant not in SHAPE_VARIANTS:
+            raise ValueError(f"unknown shape variant {self.variant!r}; choose one of {list(SHAPE_VARIANTS)}")
+        if self.num_epochs < 1 or self.head_epochs < 0:
+            raise ValueError(f"need num_epochs >= 1 and head_epochs >= 0, got {self.num_epochs}, {self.head_epochs}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class SettingRun:
+    """One run: a setting of `SETTINGS`, a seed, a recipe, and Point-PEFT options for the
+    prompt/adapter settings (`tiny_point_peft_config()` when None). `label` names the run in
+    tables (default: the setting)."""
+
+    setting: str
+    seed: int = 0
+    recipe: PointRecipe = field(default_factory=PointRecipe)
+    point_peft: PointPEFTConfig | None = None
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.setting not in SETTINGS:
+            raise ValueError(f"unknown setting {self.setting!r}; choose one of {list(SETTINGS)}")
+
+    @property
+    def name(self) -> str:
+        return self.label or self.setting
+
+
+class _DictDataset(Dataset):
+    """(points, label) items as {"points", "labels"} dicts, plus "indices" (the bank rows)."""
+
+    def __init__(self, dataset: Dataset, with_indices: bool) -> None:
+        self.dataset, self.with_indices = dataset, with_indices
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        points, label = self.dataset[index]
+        item = {"points": points, "labels": label}
+        if self.with_indices:
+            item["indices"] = index
+        return item
+
+
+def _is_new_part(name: str) -> bool:
+    return name.removeprefix("encoder.").startswith(NEW_PARTS)
+
+
+def _model_config(recipe: PointRecipe, num_classes: int) -> PointMAEConfig:
+    """The checkpoint's encoder sizes with the recipe's head."""
+    base = load_pretrained_point_mae(progress=False).config
+    return dataclasses.replace(
+        base, num_classes=num_classes, head_hidden_dim=recipe.head_hidden_dim, head_dropout=recipe.head_dropout
+    )
+
+
+def build_setting(
+    run: SettingRun, model_config: PointMAEConfig, bank_train_set: Dataset | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of `run.setting`, seeded with `run.seed`, and facts about it.
+
+    Returns (model, info) with info["trainable"] / info["total"] (the probe: its C x classes
+    weights on top of the frozen encoder; Point-PEFT: its report, the query-encoder copy aside),
+    info["uses_indices"] (the model takes the batch's bank rows). `bank_train_set` (the
+    un-augmented training set) is needed by the settings that retrieve from a memory bank.
+    """
+    set_seed(run.seed)
+    if run.setting == "from_scratch":
+        model = PointMAEEncoder(model_config)
+    else:
+        model = load_pretrained_point_mae(config=model_config, progress=False)  # CLS and head: fresh, seeded
+    info: dict[str, Any] = {"uses_indices": False}
+    if run.setting in ("from_scratch", "full_finetune"):
+        report = count_parameters(model)
+        info.update(trainable=report.trainable, total=report.total)
+    elif run.setting == "linear_probe":
+        head = count_parameters(model.head).total
+        probe = model_config.dim * model_config.num_classes + model_config.num_classes
+        total = count_parameters(model).total - head + probe
+        info.update(trainable=probe, total=total)
+    elif run.setting == "lora":
+        rank = run.recipe.lora_rank
+        inject_peft(model, "lora", r=rank, alpha=2.0 * rank, target_modules=LORA_TARGETS, trainable_modules=None)
+        for name, parameter in model.named_parameters():  # + the parts Point-PEFT trains too, biases aside
+            if _is_new_part(name) or name.startswith("norm."):
+                parameter.requires_grad_(True)
+        report = count_parameters(model)
+        info.update(trainable=report.trainable, total=report.total)
+    else:
+        base = run.point_peft or tiny_point_peft_config()
+        if run.setting == "prompt_only":
+            peft_config = dataclasses.replace(base, use_adapter=False, use_prompt=True)
+        elif run.setting == "adapter_only":
+            peft_config = dataclasses.replace(base, use_prompt=False, use_adapter=True)
+        else:
+            peft_config = base
+        bank = None
+        if peft_config.uses_bank:
+            if bank_train_set is None:
+                raise ValueError(f"setting {run.setting!r} retrieves from a memory bank: pass bank_train_set")
+            bank = build_memory_bank(model, bank_train_set, info={"variant": run.recipe.variant, "split": "train"})
+        model = PointPEFTModel(model, peft_config, bank)
+        report = model.report()
+        info.update(trainable=report.trainable, total=report.total, uses_indices=peft_config.uses_bank)
+    return model, info
+
+
+def _classification_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    logits = model(**inputs)  # (B, classes)
+    return F.cross_entropy(logits, batch["labels"]), logits
+
+
+def _forward_for_batch_norm(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    return model(**{key: value for key, value in batch.items() if key != "labels"})
+
+
+def _linear_probe(model: PointMAEEncoder, train_set: Dataset, test_set: Dataset) -> dict[str, Any]:
+    start = time.perf_counter()
+    train_features, train_labels = extract_features(model, train_set, batch_size=64)
+    feature_seconds = time.perf_counter() - start
+    test_features, test_labels = extract_features(model, test_set, batch_size=64)
+    accuracy = linear_probe_accuracy(train_features, train_labels, test_features, test_labels)
+    # one pass over the training set is the probe's "epoch"; nothing is stored for a backward
+    return {"acc": accuracy, "sec_per_epoch": feature_seconds, "activation_mib": 0.0, "train_loss": []}
+
+
+def _fine_tune(model: nn.Module, run: SettingRun, info: dict[str, Any], train_set: Dataset, plain_train_set: Dataset,
+               test_set: Dataset) -> dict[str, Any]:  # fmt: skip
+    recipe = run.recipe
+    with_indices = info["uses_indices"]
+    train_loader = DataLoader(
+        _DictDataset(train_set, with_indices), batch_size=recipe.batch_size, shuffle=True, drop_last=True,
+        generator=torch.Generator().manual_seed(run.seed),
+    )  # fmt: skip
+    lr = recipe.lr if run.setting in ("from_scratch", "full_finetune") else recipe.peft_lr
+    setting_trains = {name for name, p in model.named_parameters() if p.requires_grad}  # the setting's set
+    histories = []
+    for phase, num_epochs in (("head", recipe.head_epochs), ("setting", recipe.num_epochs)):
+        if num_epochs == 0:
+            continue
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name in setting_trains and (phase == "setting" or _is_new_part(name)))
+        histories.append(train(
+            model, train_loader, num_epochs=num_epochs, loss_fn=_classification_loss, lr=lr,
+            weight_decay=recipe.weight_decay, scheduler="cosine", warmup_ratio=recipe.warmup_ratio,
+            seed=run.seed, progress=False,
+        ))  # fmt: skip
+
+    # activation memory of one training step: tensors saved for backward, parameters excluded
+    model.train()
+    batch = next(iter(DataLoader(_DictDataset(plain_train_set, with_indices), batch_size=recipe.activation_batch)))
+    memory = measure_activation_memory(lambda: _classification_loss(model, batch)[0], model, backward=False)
+
+    test_loader = DataLoader(_DictDataset(test_set, False), batch_size=64)
+    running_accuracy = evaluate(model, test_loader, _classification_loss)["accuracy"]
+    if recipe.precise_batch_norm:
+        recalibrate_batch_norm(model, _DictDataset(plain_train_set, with_indices), batch_size=recipe.batch_size,
+                               forward=_forward_for_batch_norm)  # fmt: skip
+    accuracy = evaluate(model, test_loader, _classification_loss)["accuracy"]
+    setting_history = histories[-1]
+    return {
+        "acc": accuracy,
+        "acc_running_bn_stats": running_accuracy,
+        "sec_per_epoch": statistics.median(setting_history.epoch_seconds),
+        "sec_per_step": setting_history.seconds_per_step,
+        "activation_mib": memory.activation_mib,
+        "train_loss": [loss for history in histories for loss in history.train_loss],
+        "lr": lr,
+    }
+
+
+def run_setting(run: SettingRun) -> dict[str, Any]:
+    """Build, fine-tune and test one run; a JSON-ready row (accuracy in [0, 1]).
+
+    Keys: setting, label, seed, variant, acc, trainable, total, trainable_pct, sec_per_epoch,
+    activation_mib (one training step at `recipe.activation_batch` shapes, parameters excluded;
+    0 for the probe), train_loss (per epoch), seconds (the whole run).
+
+    Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
+    """
+    start = time.perf_counter()
+    recipe = run.recipe
+    test_set = load_shapes(recipe.variant, "test", num_points=recipe.num_points, max_per_class=recipe.test_per_class)
+    plain_train_set = load_shapes(recipe.variant, "train", num_points=recipe.num_points,
+                                  max_per_class=recipe.train_per_class)  # fmt: skip
+    augmentation = scan_augmentation if recipe.variant != "clean" else clean_augmentation
+    train_set = load_shapes(recipe.variant, "train", num_points=recipe.num_points,
+                            max_per_class=recipe.train_per_class, transform=augmentation)  # fmt: skip
+    model_config = _model_config(recipe, test_set.num_classes)
+    model, info = build_setting(run, model_config, bank_train_set=plain_train_set)
+    if run.setting == "linear_probe":
+        measured = _linear_probe(model, plain_train_set, test_set)
+    else:
+        measured = _fine_tune(model, run, info, train_set, plain_train_set, test_set)
+    return {
+        "setting": run.setting,
+        "label": run.name,
+        "seed": run.seed,
+        "variant": recipe.variant,
+        "trainable": info["trainable"],
+        "total": info["total"],
+        "trainable_pct": 100.0 * info["trainable"] / info["total"],
+        **measured,
+        "point_peft": (run.point_peft or tiny_point_peft_config()).to_dict()
+        if run.setting in ("prompt_only", "adapter_only", "point_peft")
+        else None,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def run_settings(
+    runs: Sequence[SettingRun], *, workers: int = 1, progress: bool = True, threads_per_worker: int = 1
+) -> list[dict[str, Any]]:
+    """`run_setting` for every run, in `workers` processes (1: in this process); rows in `runs` order.
+
+    Each worker process runs torch on `threads_per_worker` threads (small matrices: one thread
+    each and one process per core beats two threads in one process on a shared machine).
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    runs = list(runs)
+    if workers == 1:
+        return [run_setting(run) for run in tqdm(runs, disable=not progress, desc="runs")]
+    rows: list[dict[str, Any] | None] = [None] * len(runs)
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: safe from a notebook kernel
+    initializer = _one_thread if threads_per_worker == 1 else (lambda: torch.set_num_threads(threads_per_worker))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=initializer) as pool:
+        futures = {pool.submit(run_setting, run): i for i, run in enumerate(runs)}
+        for future in tqdm(as_completed(futures), total=len(runs), disable=not progress, desc="runs"):
+            rows[futures[future]] = future.result()
+    return rows  # type: ignore[return-value]
+
+
+def summarize(rows: Iterable[dict[str, Any]], key: str = "label") -> dict[str, dict[str, Any]]:
+    """Group rows by `key` (label by default): mean and sample std of accuracy over seeds, and the
+    means of trainable %, seconds per epoch and activation MiB. Accuracy stays in [0, 1]."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row[key], []).append(row)
+    table = {}
+    for name, group in groups.items():
+        accuracies = [row["acc"] for row in group]
+        table[name] = {
+            "setting": group[0]["setting"],
+            "acc_mean": statistics.fmean(accuracies),
+            "acc_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+            "accs": accuracies,
+            "seeds": [row["seed"] for row in group],
+            "trainable_pct": statistics.fmean(row["trainable_pct"] for row in group),
+            "trainable": group[0]["trainable"],
+            "total": group[0]["total"],
+            "sec_per_epoch": statistics.fmean(row["sec_per_epoch"] for row in group),
+            "activation_mib": statistics.fmean(row["activation_mib"] for row in group),
+        }
+    return table
