@@ -34,8 +34,12 @@ nbval: $(STAMP) data
 
 test: unit nbval
 
-# Full mode: COURSE_FAST is removed from the environment of the build.
+# Full mode: COURSE_FAST is removed from the environment of the build. The notebooks are first
+# executed into Jupyter Book's cache, BOOK_WORKERS at a time (most use one thread), then the
+# build renders them; a notebook whose code is unchanged since the last build is not re-run.
+BOOK_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 book: $(STAMP) data
+	env -u COURSE_FAST $(PY) scripts/execute_book.py --workers $(BOOK_WORKERS) --timeout 1800
 	env -u COURSE_FAST $(VENV)/bin/jupyter-book build . --config book.yml --toc toc.yml
 	@echo "site: $(CURDIR)/_build/html/index.html"
 

@@ -1,0 +1,101 @@
+"""Execute the book's notebooks in parallel into Jupyter Book's execution cache (`make book`).
+
+Jupyter Book 1 (`execute_notebooks: cache`) runs every notebook that has no cached execution,
+one after the other. Most notebooks here use one CPU thread, so on a 2-core machine half of the
+machine would sit idle: this script runs the missing executions first, `--workers` at a time
+(longest first, as far as earlier runs tell), and stores each executed notebook in the same
+cache with the same key Jupyter Book uses (jupyter-cache's hash of the code cells), so the
+build that follows finds every notebook executed and only renders. A notebook that is already
+cached is skipped; one that fails is reported and left uncached (the book build then runs it
+again and shows the error).
+
+    python scripts/execute_book.py [--workers 2] [--timeout 1800]
+
+Run it in full mode (COURSE_FAST unset), as `make book` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import nbformat
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CACHE_PATH = REPO_ROOT / "_build" / ".jupyter_cache"  # where `jupyter-book build .` keeps it
+
+
+def toc_notebooks(toc_path: Path) -> list[Path]:
+    """The .ipynb files named in the table of contents, in its order."""
+    toc = yaml.safe_load(toc_path.read_text())
+    files = [toc["root"]]
+    for part in toc.get("parts", []):
+        files += [chapter["file"] for chapter in part.get("chapters", [])]
+    return [REPO_ROOT / f"{name}.ipynb" for name in files if (REPO_ROOT / f"{name}.ipynb").exists()]
+
+
+def execute(path: str, timeout: int) -> tuple[str, nbformat.NotebookNode, float, str | None]:
+    """Run one notebook in its own folder, as Jupyter Book does; (path, notebook, seconds, error)."""
+    from jupyter_cache.executors.utils import single_nb_execution
+
+    notebook = nbformat.read(path, as_version=4)
+    result = single_nb_execution(notebook, cwd=str(Path(path).parent), timeout=timeout, allow_errors=False,
+                                 meta_override=True)  # fmt: skip
+    return path, notebook, result.time, result.exc_string if result.err is not None else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="notebooks run at once")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per cell (book.yml's execute.timeout)")
+    parser.add_argument("--dry-run", action="store_true", help="list the notebooks that would run, run none")
+    args = parser.parse_args()
+    if os.environ.get("COURSE_FAST"):
+        print("execute_book: COURSE_FAST is set; the book shows full-mode results, run it without", file=sys.stderr)
+        return 2
+
+    from jupyter_cache import get_cache
+    from jupyter_cache.base import CacheBundleIn
+
+    cache = get_cache(str(CACHE_PATH))
+    previous = {record.uri: record.data.get("execution_seconds") or 0.0 for record in cache.list_cache_records()}
+    missing = []
+    for path in toc_notebooks(REPO_ROOT / "toc.yml"):
+        try:
+            cache.match_cache_notebook(nbformat.read(path, as_version=4))
+        except KeyError:
+            missing.append(str(path))
+    if not missing:
+        print("execute_book: every notebook is already executed in the cache")
+        return 0
+    # longest first (by an earlier run of the same file; unknown ones count as long)
+    missing.sort(key=lambda path: -previous.get(path, float("inf")))
+    if args.dry_run:
+        print("\n".join(f"would run {Path(p).relative_to(REPO_ROOT)} (last run: {previous.get(p, 'never')} s)" for p in missing))
+        return 0
+    print(f"execute_book: running {len(missing)} notebook(s), {args.workers} at a time", flush=True)
+    start, failures = time.perf_counter(), []
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        futures = [pool.submit(execute, path, args.timeout) for path in missing]
+        for future in as_completed(futures):
+            path, notebook, seconds, error = future.result()
+            name = Path(path).relative_to(REPO_ROOT)
+            if error is not None:
+                failures.append(name)
+                print(f"  FAILED {name} after {seconds:.0f} s:\n{error}", flush=True)
+                continue
+            record = cache.add_nb_to_project(path)
+            cache.cache_notebook_bundle(CacheBundleIn(notebook, record.uri, data={"execution_seconds": seconds}),
+                                        check_validity=False, overwrite=True)  # fmt: skip
+            print(f"  {name}: {seconds:.0f} s (elapsed {time.perf_counter() - start:.0f} s)", flush=True)
+    print(f"execute_book: done in {time.perf_counter() - start:.0f} s, {len(failures)} failed", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
