@@ -1,7 +1,7 @@
 """Meters that every part of the course uses: trainable parameters, activation memory, density.
 
 - `count_parameters`            trainable / total parameters (parameters.py)
-- `measure_activation_memory`   bytes saved for backward by one step (memory.py)
+- `measure_activation_memory`   bytes saved for backward by one step, optionally per module (memory.py)
 - `measure_peak_process_memory` peak resident memory of a step (memory.py)
 - `activation_density`          per-layer non-zero fraction of MLP activations (density.py)
 
@@ -19,6 +19,7 @@ from course_lib.meters.density import (
 )
 from course_lib.meters.memory import (
     MIB,
+    NO_MODULE,
     MemoryReport,
     ProcessMemoryReport,
     SavedStorage,
@@ -32,6 +33,7 @@ __all__ = [
     "ParameterReport",
     "count_parameters",
     "MIB",
+    "NO_MODULE",
     "SavedStorage",
     "MemoryReport",
     "SavedTensorRecorder",

@@ -17,6 +17,11 @@ apart layer by layer in notebooks/part4_meft/30_where_memory_goes.ipynb):
   result was thrown away frees its saved tensors);
 - saved tensors that live in a parameter's or buffer's storage (Linear saves W^T, a view of
   W) are reported separately as `parameter_bytes`: they exist anyway, training or not.
+
+With `attribute_modules=True` the recorder also notes which module was running when each
+storage was first saved (forward pre-hooks push the module's name on a stack, forward hooks pop
+it), so `MemoryReport.bytes_by_module()` says where the bytes go: the attention's T x T matrices,
+GELU's input, a dropout mask... (notebooks 03 and 30).
 """
 
 from __future__ import annotations
@@ -38,9 +43,13 @@ __all__ = [
     "ProcessMemoryReport",
     "measure_peak_process_memory",
     "MIB",
+    "NO_MODULE",
 ]
 
 MIB = 2**20
+
+#: The module name given to tensors saved outside every module's forward (e.g. a loss function).
+NO_MODULE = "(no module)"
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,8 @@ class SavedStorage:
     shape: tuple[int, ...]
     dtype: torch.dtype
     is_parameter: bool
+    module: str | None = None  # qualified name of the module that saved it first (attribute_modules=True)
+    module_type: str | None = None  # its class name, e.g. "Dropout", "LayerNorm", "BertSelfAttention"
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,28 @@ class MemoryReport:
     def total_mib(self) -> float:
         return self.total_bytes / MIB
 
+    def bytes_by_module(self, *, by: str = "module", include_parameters: bool = False) -> dict[str, int]:
+        """Activation bytes per module name (`by="module"`) or per module class (`by="module_type"`).
+
+        Needs a report taken with `attribute_modules=True`. Largest first; parameter storages
+        are left out unless `include_parameters=True`. The values add up to `activation_bytes`
+        (plus `parameter_bytes` with `include_parameters`).
+        """
+        if by not in ("module", "module_type"):
+            raise ValueError(f"by must be 'module' or 'module_type', got {by!r}")
+        totals: dict[str, int] = {}
+        for storage in self.storages:
+            if storage.is_parameter and not include_parameters:
+                continue
+            key = getattr(storage, by)
+            if key is None:
+                raise ValueError(
+                    "this report has no module names: record it with SavedTensorRecorder(model, "
+                    "attribute_modules=True) or measure_activation_memory(..., attribute_modules=True)"
+                )
+            totals[key] = totals.get(key, 0) + storage.nbytes
+        return dict(sorted(totals.items(), key=lambda item: item[1], reverse=True))
+
     def __str__(self) -> str:
         return (
             f"saved for backward: {self.activation_mib:.2f} MiB activations + "
@@ -94,11 +127,21 @@ class _SavedHolder:
     saved tensors the graph still needs.
     """
 
-    __slots__ = ("tensor", "views_parameter", "__weakref__")
+    __slots__ = ("tensor", "views_parameter", "module", "module_type", "order", "__weakref__")
 
-    def __init__(self, tensor: torch.Tensor, views_parameter: bool) -> None:
+    def __init__(
+        self,
+        tensor: torch.Tensor,
+        views_parameter: bool,
+        module: str | None = None,
+        module_type: str | None = None,
+        order: int = 0,
+    ) -> None:
+        self.order = order  # when it was saved: the first module to save a storage is charged
         self.tensor = tensor
         self.views_parameter = views_parameter
+        self.module = module
+        self.module_type = module_type
 
 
 def _storage_key_and_size(tensor: torch.Tensor) -> tuple[tuple, int]:
@@ -128,6 +171,9 @@ class SavedTensorRecorder:
 
     `parameters`: a module (its parameters and buffers) or an iterable of tensors whose
     storages count as parameter memory; saved views of any nn.Parameter are recognised too.
+    `attribute_modules=True` (needs `parameters` to be an nn.Module) also records which of its
+    modules was running when each tensor was saved: see `MemoryReport.bytes_by_module`. A
+    storage saved by several modules is charged to the first one.
     The report is taken when the `with` block exits, so keep the graph (the loss) alive until
     then. Tensors saved inside non-reentrant gradient checkpointing go through the
     checkpoint's own hooks and are (correctly) not seen: they are not kept.
@@ -135,7 +181,17 @@ class SavedTensorRecorder:
     Derived in notebooks/part1_foundations/03_measuring_finetuning.ipynb.
     """
 
-    def __init__(self, parameters: nn.Module | Iterable[torch.Tensor] | None = None) -> None:
+    def __init__(
+        self, parameters: nn.Module | Iterable[torch.Tensor] | None = None, *, attribute_modules: bool = False
+    ) -> None:
+        if attribute_modules and not isinstance(parameters, nn.Module):
+            raise TypeError(
+                "attribute_modules=True needs the model itself (an nn.Module) as `parameters`, "
+                f"got {type(parameters).__name__}"
+            )
+        self._module = parameters if attribute_modules else None
+        self._running: list[tuple[str, str]] = [(NO_MODULE, "-")]  # stack of (name, type) in their forward
+        self._module_hooks: list[Any] = []
         if isinstance(parameters, nn.Module):
             tensors = list(parameters.parameters()) + list(parameters.buffers())
         elif parameters is None:
@@ -146,6 +202,7 @@ class SavedTensorRecorder:
                 raise TypeError("parameters must be an nn.Module or an iterable of tensors")
         self._parameter_keys = {_storage_key_and_size(t)[0] for t in tensors}
         self._holders: weakref.WeakSet[_SavedHolder] = weakref.WeakSet()
+        self._count = 0
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self.report: MemoryReport | None = None
 
@@ -153,9 +210,32 @@ class SavedTensorRecorder:
         # detach(): same storage, no grad_fn. Holding an op's own output with its grad_fn would
         # make a reference cycle (output -> grad_fn -> saved output) that is never freed;
         # autograd restores the graph links itself when it unpacks.
-        holder = _SavedHolder(tensor.detach(), _looks_like_parameter(tensor))
+        module, module_type = self._running[-1] if self._module is not None else (None, None)
+        self._count += 1
+        holder = _SavedHolder(tensor.detach(), _looks_like_parameter(tensor), module, module_type, self._count)
         self._holders.add(holder)
         return holder
+
+    def _attach_module_hooks(self) -> None:
+        assert self._module is not None
+        self._running = [(NO_MODULE, "-")]
+        for name, module in self._module.named_modules():
+            entry = (name or "(model)", type(module).__name__)
+
+            def enter(module: nn.Module, args: Any, entry: tuple[str, str] = entry) -> None:
+                self._running.append(entry)  # this module's forward starts
+
+            def leave(module: nn.Module, args: Any, output: Any) -> None:
+                if len(self._running) > 1:
+                    self._running.pop()  # ... and ends (always_call: even when it raises)
+
+            self._module_hooks.append(module.register_forward_pre_hook(enter))
+            self._module_hooks.append(module.register_forward_hook(leave, always_call=True))
+
+    def _detach_module_hooks(self) -> None:
+        for handle in self._module_hooks:
+            handle.remove()
+        self._module_hooks = []
 
     @staticmethod
     def _unpack(holder: _SavedHolder) -> torch.Tensor:
@@ -163,7 +243,10 @@ class SavedTensorRecorder:
 
     def __enter__(self) -> "SavedTensorRecorder":
         self._holders = weakref.WeakSet()
+        self._count = 0
         self.report = None
+        if self._module is not None:
+            self._attach_module_hooks()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         return self
@@ -172,19 +255,22 @@ class SavedTensorRecorder:
         assert self._hooks is not None
         self._hooks.__exit__(*exc_info)
         self._hooks = None
+        self._detach_module_hooks()
         self.report = self.snapshot()
 
     def snapshot(self) -> MemoryReport:
         """Report of the saved tensors the graph holds right now."""
         storages: dict[tuple, SavedStorage] = {}
-        holders = list(self._holders)
+        holders = sorted(self._holders, key=lambda holder: holder.order)
         for holder in holders:
             tensor = holder.tensor
             key, nbytes = _storage_key_and_size(tensor)
             if key in storages:
                 continue  # another view of a storage already counted
             is_parameter = key in self._parameter_keys or holder.views_parameter
-            storages[key] = SavedStorage(nbytes, tuple(tensor.shape), tensor.dtype, is_parameter)
+            storages[key] = SavedStorage(
+                nbytes, tuple(tensor.shape), tensor.dtype, is_parameter, holder.module, holder.module_type
+            )
         ordered = tuple(sorted(storages.values(), key=lambda s: s.nbytes, reverse=True))
         return MemoryReport(
             activation_bytes=sum(s.nbytes for s in ordered if not s.is_parameter),
@@ -199,6 +285,7 @@ def measure_activation_memory(
     model: nn.Module | Iterable[torch.Tensor] | None = None,
     *,
     backward: bool = True,
+    attribute_modules: bool = False,
 ) -> MemoryReport:
     """Bytes saved for backward by `step()`, a function that runs the forward pass and returns the loss.
 
@@ -209,7 +296,8 @@ def measure_activation_memory(
     `.grad`) unless `backward=False`, in which case the graph is simply dropped. Backward runs
     outside the hooks, so recomputation (gradient checkpointing, reversible layers) is not
     charged to the forward pass. `model` tells which storages are parameters (see
-    `SavedTensorRecorder`).
+    `SavedTensorRecorder`); with `attribute_modules=True` each storage also carries the name of
+    the module of `model` that saved it (`report.bytes_by_module()`).
 
     ```
     report = measure_activation_memory(lambda: model(**batch).loss, model)
@@ -220,7 +308,7 @@ def measure_activation_memory(
     """
     if not callable(step):
         raise TypeError("step must be a function that runs the forward pass and returns the loss")
-    with SavedTensorRecorder(model) as recorder:
+    with SavedTensorRecorder(model, attribute_modules=attribute_modules) as recorder:
         loss = step()
     if not isinstance(loss, torch.Tensor) and isinstance(getattr(loss, "loss", None), torch.Tensor):
         loss = loss.loss  # a Hugging Face output computed with labels

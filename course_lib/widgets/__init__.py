@@ -5,3 +5,4 @@ data), plus a small `make_*_widget()` that wires ipywidgets controls to it. The 
 is what the tests call (they also set `.value` on the controls); a notebook shows a static
 figure of the same function before the live widget, so the book (no kernel) still has a picture.
 """
+from course_lib.widgets.memory_curves import make_memory_curves_widget, memory_curves, memory_curves_figure  # noqa: F401

@@ -1,0 +1,201 @@
+"""Activation memory of a training step on all-MiniLM-L6-v2 (batch 32, sequence 128): full
+fine-tuning, LoRA, adapters, LoRA with gradient checkpointing, MEFT1/2/3; MEFT's step time against
+LoRA with checkpointing; MEFT's custom backward against plain autograd; memory against depth.
+
+- `activation_mib`: bytes of the tensors saved for backward by one training forward pass (train
+  mode, dropout on), parameter storages excluded (`course_lib.meters.measure_activation_memory`).
+- `reduction_vs_full_pct`: 100 (1 - best MEFT / full fine-tuning); goal >= 84 (the paper's headline).
+- `step_time_ratio_vs_checkpointing`: median MEFT training step (forward, backward, AdamW) /
+  median LoRA + checkpointing step, timed in alternation, 1 thread; goal <= 1.0.
+- `grad_max_rel_err`: max over trainable tensors of max|g - g_ref| / max|g_ref|, g from MEFT's
+  custom backward, g_ref from the same model through plain autograd (same dropout masks),
+  float32 layers; goal <= 1e-4. Given for the course's default (float64 streams) and for
+  float32 streams (the official code).
+- `depth_activation_mib`: the same count with the 6 layers repeated to 12 and 24.
+
+    .venv/bin/python -m benchmarks.activation_memory    # writes results/bench/activation_memory.json
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import platform
+import sys
+import warnings
+
+import torch
+
+from benchmarks.common import interleaved_median_seconds, write_bench
+from course_lib.config import fast_or_full
+from course_lib.meft import METHOD_LABELS, build_method, meft_from_hf
+from course_lib.meters import measure_activation_memory, measure_peak_process_memory
+
+NAME = "activation_memory"
+METHODS = ("full_finetune", "lora", "adapter", "lora_checkpointing", "meft1", "meft2", "meft3")
+MEFTS = ("meft1", "meft2", "meft3")
+
+
+def load_minilm(num_labels: int = 4) -> torch.nn.Module:
+    import transformers
+
+    from course_lib.text import load_classifier
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    return load_classifier(num_labels).eval()
+
+
+def make_batch(batch_size: int, seq_len: int, num_labels: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(1000, 30000, (batch_size, seq_len), generator=g),
+        "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
+        "labels": torch.randint(0, num_labels, (batch_size,), generator=g),
+    }
+
+
+def activation_mib(model: torch.nn.Module, batch: dict) -> float:
+    model.train()
+    return measure_activation_memory(lambda: model(**batch).loss, model, backward=False).activation_mib
+
+
+def training_step(model: torch.nn.Module, batch: dict):
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def gradient_errors(pretrained: torch.nn.Module, variant: str, batch: dict, stream_dtype) -> dict[str, float]:
+    """Custom backward vs plain autograd on the same float32 model and dropout masks."""
+    torch.manual_seed(0)
+    model = meft_from_hf(pretrained, variant, stream_dtype=stream_dtype).train()
+    grads = {}
+    for reversible in (True, False):
+        model.reversible = reversible
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        model(**batch).loss.backward()
+        grads[reversible] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    ours, reference = grads[True], grads[False]
+    max_rel = max(((ours[n] - reference[n]).abs().max() / reference[n].abs().max()).item() for n in ours)
+    norm_rel = max(((ours[n] - reference[n]).norm() / reference[n].norm()).item() for n in ours)
+    every = torch.cat([(ours[n] - reference[n]).flatten() for n in ours]).norm() / torch.cat([reference[n].flatten() for n in ours]).norm()
+    return {"max_rel_err": max_rel, "max_norm_rel_err": norm_rel, "global_norm_rel_err": every.item()}
+
+
+def peak_increase_mib(model: torch.nn.Module, batch: dict) -> float | None:
+    """Peak RSS increase of one forward + backward (Linux, glibc: freed memory handed back first)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except OSError:
+        return None
+    model.train()
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    malloc_trim(0)
+    report = measure_peak_process_memory(lambda: model(**batch).loss.backward())
+    model.zero_grad(set_to_none=True)
+    return report.increase_mib
+
+
+def main() -> None:
+    torch.set_num_threads(1)  # shared machine: one thread is far less disturbed (see lora_vs_peft)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    batch_size, seq_len = fast_or_full((4, 32), (32, 128))
+    repeats, warmup = fast_or_full((2, 1), (7, 1))
+    depths = fast_or_full((2, 4), (6, 12, 24))
+    pretrained = load_minilm()
+    batch = make_batch(batch_size, seq_len)
+
+    activation, trainable_pct, peak = {}, {}, {}
+    models = {}
+    for method in METHODS:
+        torch.manual_seed(0)
+        model = build_method(method, pretrained)
+        activation[method] = activation_mib(model, batch)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trainable_pct[method] = 100 * n_train / sum(p.numel() for p in model.parameters())
+        peak[method] = peak_increase_mib(model, batch)
+        models[method] = model
+        print(f"{METHOD_LABELS[method]:22s} {activation[method]:8.1f} MiB saved, peak +{peak[method] or 0:.0f} MiB", flush=True)
+    best = min(MEFTS, key=lambda m: activation[m])
+    reduction = 100 * (1 - activation[best] / activation["full_finetune"])
+
+    # step time: every MEFT variant and LoRA + checkpointing, in alternation
+    for method in METHODS:
+        if method not in MEFTS and method != "lora_checkpointing":
+            del models[method]
+    gc.collect()
+    steps = {method: training_step(models[method], batch) for method in (*MEFTS, "lora_checkpointing")}
+    medians = interleaved_median_seconds(steps, repeats=repeats, warmup=warmup)
+    ratios = {m: medians[m] / medians["lora_checkpointing"] for m in MEFTS}
+    print("step seconds:", {m: round(s, 3) for m, s in medians.items()}, flush=True)
+    del models, steps
+    gc.collect()
+
+    errors = {
+        "float64_streams": {m: gradient_errors(pretrained, m, batch, torch.float64) for m in MEFTS},
+        "float32_streams": {m: gradient_errors(pretrained, m, batch, None) for m in MEFTS},
+    }
+    print("gradient errors:", errors, flush=True)
+
+    depth_mib: dict[str, dict[str, float]] = {best: {}, "lora_checkpointing": {}}
+    for depth in depths:
+        for method in depth_mib:
+            torch.manual_seed(0)
+            model = build_method(method, pretrained, num_layers=depth)
+            depth_mib[method][str(depth)] = activation_mib(model, batch)
+            del model
+            gc.collect()
+
+    payload = {
+        "activation_mib": activation,
+        "best_meft": best,
+        "reduction_vs_full_pct": reduction,
+        "goal_reduction_vs_full_pct": 84.0,
+        "step_time_ratio_vs_checkpointing": ratios[best],
+        "goal_step_time_ratio_vs_checkpointing": 1.0,
+        "step_time_ratio_vs_checkpointing_by_variant": ratios,
+        "step_seconds": medians,
+        "grad_max_rel_err": errors["float64_streams"][best]["max_rel_err"],
+        "goal_grad_max_rel_err": 1e-4,
+        "grad_errors": errors,
+        "depth_activation_mib": depth_mib,
+        "trainable_pct": trainable_pct,
+        "peak_rss_increase_mib": peak,
+        "config": {
+            "model": "all-MiniLM-L6-v2 + 4-class head (BertForSequenceClassification)",
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "tokens": "random ids, no padding",
+            "mode": "train (dropout 0.1 on), float32 weights",
+            "activation_mib": "tensors saved for backward at the end of the forward pass, parameter storages excluded",
+            "lora": "r 8, alpha 16, query+value, classifier trains",
+            "adapter": "Pfeiffer, bottleneck 24, classifier trains",
+            "lora_checkpointing": "the LoRA model + Hugging Face activation_checkpointing_enable() (non-reentrant, per layer)",
+            "meft": "course_lib.meft.meft_from_hf defaults: official lambda/beta, adapters C->8->C N(0, 0.02), float64 streams",
+            "step": "zero_grad + forward + cross-entropy + backward + AdamW step",
+            "timing": f"median of {repeats} interleaved steps after {warmup} warm-up (benchmarks.common.interleaved_median_seconds)",
+            "grad_err": "max over trainable tensors of max|g - g_ref| / max|g_ref|; same dropout masks",
+            "depth": "the 6 pre-trained layers repeated (copies) to 12 and 24",
+            "peak": "VmHWM increase of one forward + backward after malloc_trim (coarse; allocator state carries over)",
+        },
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "machine": platform.machine(),
+        "device": "cpu",
+    }
+    write_bench(NAME, payload)
+
+
+if __name__ == "__main__":
+    main()

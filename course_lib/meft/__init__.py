@@ -1,0 +1,51 @@
+"""MEFT (Liao et al., NeurIPS 2023): fine-tune a pre-trained model through reversible layers.
+
+- `coupling`      ReversibleCoupling: y1 = lambda x1 + F(x2), y2 = beta x2 + G(y1), and its inverse
+- `reversible`    reversible_stack: a custom autograd Function that keeps only the stack's output
+                  and rebuilds each layer's input in backward (dropout replayed); run_couplings:
+                  the same through plain autograd
+- `model`         meft_from_hf(model, "meft1" | "meft2" | "meft3"): MEFT on any Hugging Face BERT
+- `methods`       build_method(name, pretrained): full FT, LoRA, adapter, LoRA + checkpointing, MEFT
+- `memory_costs`  fit_activation_costs: saved bytes as a formula in batch, length and depth
+
+Derived in notebooks/part4_meft/{30_where_memory_goes,31_reversible_layers,32_meft}.ipynb.
+"""
+
+from course_lib.meft.coupling import ReversibleCoupling
+from course_lib.meft.memory_costs import COST_TERMS, ActivationCostModel, fit_activation_costs, measure_saved_bytes
+from course_lib.meft.methods import METHOD_LABELS, METHOD_NAMES, build_method, enable_checkpointing, with_num_layers
+from course_lib.meft.model import (
+    MEFT_VARIANTS,
+    AdapterOnly,
+    BlockWithAdapter,
+    MEFTEncoder,
+    MEFTForSequenceClassification,
+    MEFTVariant,
+    make_meft_adapter,
+    meft_from_hf,
+)
+from course_lib.meft.reversible import ReversibleStackFunction, reversible_stack, run_couplings
+
+__all__ = [
+    "ReversibleCoupling",
+    "ReversibleStackFunction",
+    "reversible_stack",
+    "run_couplings",
+    "MEFTVariant",
+    "MEFT_VARIANTS",
+    "BlockWithAdapter",
+    "AdapterOnly",
+    "make_meft_adapter",
+    "MEFTEncoder",
+    "MEFTForSequenceClassification",
+    "meft_from_hf",
+    "METHOD_NAMES",
+    "METHOD_LABELS",
+    "build_method",
+    "with_num_layers",
+    "enable_checkpointing",
+    "COST_TERMS",
+    "ActivationCostModel",
+    "measure_saved_bytes",
+    "fit_activation_costs",
+]

@@ -1,0 +1,343 @@
+"""MEFT1, MEFT2, MEFT3: a pre-trained BERT made reversible with adapters, keeping its starting point.
+
+Every layer of the pre-trained model becomes a `ReversibleCoupling` on two streams, both
+starting as the embedding output h; the encoder returns their average (x1 + x2) / 2:
+
+| variant | F                          | G                    | lambda | beta | outputs   |
+| ------- | -------------------------- | -------------------- | ------ | ---- | --------- |
+| MEFT1   | PLM layer + adapter        | adapter              | 0.1    | 1    | (y2, y1)  |
+| MEFT2   | adapter                    | PLM layer + adapter  | 1      | 0.1  | (y2, y1)  |
+| MEFT3   | attention block + adapter  | MLP block + adapter  | 0.1    | 0.1  | (y1, y2)  |
+
+The adapters are C -> 8 -> C bottlenecks (ReLU) beside the block: "block + adapter" is
+block(x) + adapter(x), the adapter reading the block's input. All their weights start
+N(0, 0.02), biases 0: small, so each coupling starts close to the layer it replaces. Take MEFT1:
+with G = adapter ~ 0 and beta = 1, y2 ~ x2, and y1 = 0.1 x1 + layer(x2) ~ layer(x2); swapped,
+one stream carries the pre-trained hidden state h_n (plus a tenth of an older one) while the
+other carries h_{n-1}. That closeness to the pre-trained model (the *starting point*) is the
+paper's key point: with lambda = beta = 1 (a RevNet-style coupling) the same layers add up
+their inputs and the pre-trained computation is lost (measured in
+notebooks/part4_meft/32_meft.ipynb).
+
+Precision: by default the two streams are kept in float64 around float32 layers
+(`stream_dtype`), which makes the inverse exact to float64 rounding; with float32 streams (the
+official code) six MiniLM layers lose most digits of the gradient to the divisions by 0.1
+(measured in notebooks/part4_meft/31_reversible_layers.ipynb). The streams cost 2 (B, T, C)
+tensors of 8 bytes instead of 4.
+
+Everything of the pre-trained model is frozen (copied, the original is left alone); adapters
+and the task head train. `reversible=False` runs the same model through plain autograd (for
+checking gradients), `num_reversible_layers=n` makes only the lower n layers reversible.
+
+Derived in notebooks/part4_meft/32_meft.ipynb.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from course_lib.meft.coupling import ReversibleCoupling
+from course_lib.meft.reversible import reversible_stack, run_couplings
+from course_lib.peft.adapters import BottleneckAdapter
+from course_lib.transformer import BertBlock
+
+__all__ = [
+    "MEFTVariant",
+    "MEFT_VARIANTS",
+    "BlockWithAdapter",
+    "AdapterOnly",
+    "make_meft_adapter",
+    "MEFTEncoder",
+    "MEFTForSequenceClassification",
+    "meft_from_hf",
+]
+
+
+@dataclass(frozen=True)
+class MEFTVariant:
+    """What F and G are ("layer", "attention", "mlp": that part + an adapter; "adapter": the adapter alone),
+    the scales, and whether the outputs are swapped."""
+
+    name: str
+    F: str
+    G: str
+    lambda_: float
+    beta: float
+    swap_outputs: bool
+
+
+#: The three variants with the official BERT values (PAPERS.md section 3).
+MEFT_VARIANTS: dict[str, MEFTVariant] = {
+    "meft1": MEFTVariant("meft1", F="layer", G="adapter", lambda_=0.1, beta=1.0, swap_outputs=True),
+    "meft2": MEFTVariant("meft2", F="adapter", G="layer", lambda_=1.0, beta=0.1, swap_outputs=True),
+    "meft3": MEFTVariant("meft3", F="attention", G="mlp", lambda_=0.1, beta=0.1, swap_outputs=False),
+}
+
+_PARTS = ("layer", "attention", "mlp")
+
+
+def make_meft_adapter(dim: int, bottleneck: int = 8, std: float = 0.02) -> BottleneckAdapter:
+    """A dim -> bottleneck -> dim ReLU adapter with all weights N(0, std) and zero biases (MEFT's init).
+
+    Unlike the zero-up-projection adapters of Part 1, its output is small but not zero.
+    """
+    adapter = BottleneckAdapter(dim, bottleneck, activation="relu")
+    for layer in (adapter.down, adapter.up):
+        nn.init.normal_(layer.weight, std=std)
+        nn.init.zeros_(layer.bias)
+    return adapter
+
+
+class BlockWithAdapter(nn.Module):
+    """part(x) + adapter(x), part one of "layer" (the whole BertBlock), "attention", "mlp".
+
+    MEFT3's F and G share one BertBlock (F uses its attention half, G its MLP half).
+    """
+
+    def __init__(self, block: BertBlock, part: str, adapter: BottleneckAdapter) -> None:
+        super().__init__()
+        if part not in _PARTS:
+            raise ValueError(f"part must be one of {_PARTS}, got {part!r}")
+        self.block = block
+        self.part = part
+        self.adapter = adapter
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.part == "layer":
+            out = self.block(x, attention_mask)  # LN(h + MLP(h)), h = LN(x + Attn(x))
+        elif self.part == "attention":
+            out = self.block.attention_block(x, attention_mask)  # LN(x + Attn(x))
+        else:
+            out = self.block.mlp_block(x)  # LN(x + MLP(x))
+        return out + self.adapter(x)  # adapter beside the block: (B, T, C)
+
+    def extra_repr(self) -> str:
+        return f"part={self.part!r}"
+
+
+class AdapterOnly(nn.Module):
+    """adapter(x): MEFT1's G and MEFT2's F."""
+
+    def __init__(self, adapter: BottleneckAdapter) -> None:
+        super().__init__()
+        self.adapter = adapter
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.adapter(x)
+
+
+def _padding_mask(attention_mask: torch.Tensor | None, input_shape: tuple[int, int]) -> torch.Tensor | None:
+    """Tokenizer mask (B, T) of 1/0 -> boolean (B, 1, 1, T), True = may attend.
+
+    None when there is no padding (no mask to apply: saves a pass over every (B, H, T, T) score).
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != tuple(input_shape):
+        raise ValueError(
+            f"attention_mask must be the tokenizer's (B, T) = {tuple(input_shape)} mask, got shape {tuple(attention_mask.shape)}"
+        )
+    keep = attention_mask != 0
+    return None if bool(keep.all()) else keep[:, None, None, :]
+
+
+class MEFTEncoder(nn.Module):
+    """Embeddings, then a stack of reversible couplings on (h, h); returns (x1 + x2) / 2, (B, T, C).
+
+    `reversible` (attribute, default True): the lower `num_reversible_layers` couplings run
+    through `reversible_stack` (activations not kept); the rest, and all of them when
+    `reversible=False`, through plain autograd.
+
+    Derived in notebooks/part4_meft/32_meft.ipynb.
+    """
+
+    def __init__(
+        self,
+        embeddings: nn.Module,
+        couplings: nn.ModuleList,
+        num_reversible_layers: int | None = None,
+        reversible: bool = True,
+        stream_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.stream_dtype = stream_dtype
+        if len(couplings) == 0:
+            raise ValueError("MEFTEncoder needs at least one coupling")
+        self.embeddings = embeddings
+        self.couplings = couplings
+        self.reversible = reversible
+        self.num_reversible_layers = num_reversible_layers
+
+    @property
+    def num_reversible_layers(self) -> int:
+        return self._num_reversible_layers
+
+    @num_reversible_layers.setter
+    def num_reversible_layers(self, value: int | None) -> None:
+        count = len(self.couplings)
+        value = count if value is None else value
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= count:
+            raise ValueError(f"num_reversible_layers must be an int in [0, {count}] (or None for all), got {value!r}")
+        self._num_reversible_layers = value
+
+    def streams(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two output streams (x1, x2) of the last coupling, each (B, T, C)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids (B, T) and inputs_embeds (B, T, C)")
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T) token ids, got shape {tuple(input_ids.shape)}")
+        h = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds)  # (B, T, C)
+        mask = _padding_mask(attention_mask, tuple(h.shape[:2]))
+        if self.stream_dtype is not None:
+            h = h.to(self.stream_dtype)  # streams in float64: an exact inverse (module docstring)
+        x1, x2 = h, h  # both streams start as the embedding output
+        n = self.num_reversible_layers if self.reversible else 0
+        if n > 0:
+            x1, x2 = reversible_stack(self.couplings[:n], x1, x2, mask)
+        if n < len(self.couplings):
+            x1, x2 = run_couplings(self.couplings[n:], x1, x2, mask)
+        return x1, x2
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, C): the average of the two streams."""
+        x1, x2 = self.streams(input_ids, attention_mask, token_type_ids, inputs_embeds)
+        dtype = self.embeddings.word_embeddings.weight.dtype if hasattr(self.embeddings, "word_embeddings") else x1.dtype
+        return ((x1 + x2) / 2).to(dtype)  # (B, T, C) in the model's dtype
+
+
+class MEFTForSequenceClassification(nn.Module):
+    """MEFTEncoder + the Hugging Face model's pooler (frozen), dropout and classifier (trained).
+
+    Called like `BertForSequenceClassification`; returns a `SequenceClassifierOutput` with
+    `.logits` (B, num_labels) and `.loss` (cross-entropy) when `labels` are given.
+    """
+
+    def __init__(self, encoder: MEFTEncoder, pooler: nn.Module | None, dropout: float, classifier: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.pooler = pooler
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = classifier
+        self.num_labels = classifier.out_features
+
+    @property
+    def reversible(self) -> bool:
+        return self.encoder.reversible
+
+    @reversible.setter
+    def reversible(self, value: bool) -> None:
+        self.encoder.reversible = bool(value)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, inputs_embeds=None):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        hidden = self.encoder(input_ids, attention_mask, token_type_ids, inputs_embeds)  # (B, T, C)
+        pooled = self.pooler(hidden) if self.pooler is not None else hidden[:, 0]  # (B, C): the [CLS] token
+        logits = self.classifier(self.dropout(pooled))  # (B, num_labels)
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def _make_part(kind: str, block: BertBlock, dim: int, bottleneck: int, std: float) -> nn.Module:
+    adapter = make_meft_adapter(dim, bottleneck, std)
+    return AdapterOnly(adapter) if kind == "adapter" else BlockWithAdapter(block, kind, adapter)
+
+
+def meft_from_hf(
+    model: nn.Module,
+    variant: str | MEFTVariant = "meft1",
+    *,
+    adapter_bottleneck: int = 8,
+    adapter_std: float = 0.02,
+    lambda_: float | None = None,
+    beta: float | None = None,
+    num_reversible_layers: int | None = None,
+    reversible: bool = True,
+    train_layer_norms: bool = False,
+    stream_dtype: torch.dtype | None = torch.float64,
+) -> MEFTEncoder | MEFTForSequenceClassification:
+    """MEFT built from a Hugging Face BERT-family model; the model passed in is left unchanged.
+
+    `model`: a `BertModel` (-> `MEFTEncoder`, returns hidden states) or a model with `.bert`
+    and `.classifier` such as `BertForSequenceClassification` (-> `MEFTForSequenceClassification`).
+    `variant`: "meft1", "meft2", "meft3" or a `MEFTVariant`; `lambda_` / `beta` override its
+    scales (e.g. 1 and 1 for a RevNet-style coupling that breaks the starting point).
+    `stream_dtype`: dtype of the two streams (default float64, the layers stay in the model's
+    dtype; None: the model's dtype, as the official code). Adapters use torch's global RNG:
+    call `course_lib.train.set_seed` first.
+    Frozen: everything pre-trained (embeddings, layers, pooler); trainable: adapters, the
+    classifier, and the blocks' LayerNorms if `train_layer_norms`.
+
+    Derived in notebooks/part4_meft/32_meft.ipynb.
+    """
+    if isinstance(variant, str):
+        if variant.lower() not in MEFT_VARIANTS:
+            raise ValueError(f"unknown MEFT variant {variant!r}; choose one of {list(MEFT_VARIANTS)} or pass a MEFTVariant")
+        variant = MEFT_VARIANTS[variant.lower()]
+    if not isinstance(variant, MEFTVariant):
+        raise TypeError(f"variant must be a name or a MEFTVariant, got {type(variant).__name__}")
+    if adapter_bottleneck < 1:
+        raise ValueError(f"adapter_bottleneck must be a positive int, got {adapter_bottleneck}")
+    base = getattr(model, "bert", model)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    embeddings = getattr(base, "embeddings", None)
+    if layers is None or embeddings is None:
+        raise TypeError(
+            f"meft_from_hf expects a Hugging Face BertModel or BertForSequenceClassification (with .embeddings and "
+            f".encoder.layer), got {type(model).__name__}"
+        )
+    reference = next(model.parameters())
+    if stream_dtype == reference.dtype:
+        stream_dtype = None
+    couplings = nn.ModuleList()
+    for layer in layers:
+        block = BertBlock.from_hf_bert_layer(layer)
+        dim = block.config.dim
+        F_part = _make_part(variant.F, block, dim, adapter_bottleneck, adapter_std)
+        G_part = _make_part(variant.G, block, dim, adapter_bottleneck, adapter_std)
+        couplings.append(
+            ReversibleCoupling(
+                F_part,
+                G_part,
+                lambda_=variant.lambda_ if lambda_ is None else lambda_,
+                beta=variant.beta if beta is None else beta,
+                swap_outputs=variant.swap_outputs,
+                compute_dtype=reference.dtype if stream_dtype is not None else None,
+            )
+        )
+    couplings.to(device=reference.device, dtype=reference.dtype)
+    encoder = MEFTEncoder(copy.deepcopy(embeddings), couplings, num_reversible_layers, reversible, stream_dtype)
+    result: MEFTEncoder | MEFTForSequenceClassification = encoder
+    classifier = getattr(model, "classifier", None)
+    if model is not base and isinstance(classifier, nn.Linear):
+        config = getattr(model, "config", None)
+        p = getattr(config, "classifier_dropout", None)
+        p = p if p is not None else getattr(config, "hidden_dropout_prob", 0.1)
+        pooler = copy.deepcopy(base.pooler) if getattr(base, "pooler", None) is not None else None
+        result = MEFTForSequenceClassification(encoder, pooler, p, copy.deepcopy(classifier))
+    elif model is not base:
+        raise TypeError(f"{type(model).__name__} has .bert but no nn.Linear .classifier; pass its .bert for an encoder")
+    # freeze everything pre-trained, then switch on what MEFT trains
+    for parameter in result.parameters():
+        parameter.requires_grad_(False)
+    for module in result.modules():
+        if isinstance(module, BottleneckAdapter):
+            module.requires_grad_(True)
+        if train_layer_norms and isinstance(module, BertBlock):
+            module.attention_norm.requires_grad_(True)
+            module.mlp_norm.requires_grad_(True)
+    if isinstance(result, MEFTForSequenceClassification):
+        result.classifier.requires_grad_(True)
+    result.train(model.training)
+    return result
