@@ -6,3 +6,4 @@ is what the tests call (they also set `.value` on the controls); a notebook show
 figure of the same function before the live widget, so the book (no kernel) still has a picture.
 """
 from course_lib.widgets.memory_curves import make_memory_curves_widget, memory_curves, memory_curves_figure  # noqa: F401
+from course_lib.widgets.sparsity import make_sparsity_widget, sparsity_figure, sparsity_histogram  # noqa: F401

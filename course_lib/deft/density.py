@@ -1,0 +1,148 @@
+"""Measuring DEFT's quantity: how many MLP activations are non-zero, per layer and on average.
+
+The counting itself lives in `course_lib.meters.density` (hooks on the activation modules,
+`count_active`); this module adds what Part 3 reports and plots:
+
+- `measure_density`      per-layer density over batches -> a `DensityReport` (mean over layers:
+                         the number DEFT puts in its tables, x100)
+- `collect_activations`  the post-activation MLP outputs of one batch, per layer (for histograms)
+- `gelu_zero_range`      below which pre-activation GELU gives an exact 0 in a given dtype
+
+    density = #{ |a| > tau } / #a       tau = 0: the exact non-zero fraction (DEFT's metric)
+
+The official DEFT code counts padding tokens too (`mask_padding=False`); with
+`mask_padding=True` only real tokens count.
+
+Derived in notebooks/part3_deft/20_activation_sparsity.ipynb.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from course_lib.meters.density import ActivationCollector, density_over_batches
+
+__all__ = ["DensityReport", "measure_density", "collect_activations", "gelu_zero_range", "relative_reduction"]
+
+
+@dataclass(frozen=True)
+class DensityReport:
+    """Per-layer activation density (0..1) and how it was counted."""
+
+    per_layer: dict[str, float]  # module name -> fraction of |a| > threshold
+    threshold: float
+    mask_padding: bool
+
+    @property
+    def mean(self) -> float:
+        """Mean over layers (DEFT's reported density, as a fraction; x100 for %)."""
+        return sum(self.per_layer.values()) / len(self.per_layer)
+
+    def __str__(self) -> str:
+        counted = "real tokens" if self.mask_padding else "all tokens (padding too)"
+        kind = "exact non-zero" if self.threshold == 0 else f"|a| > {self.threshold:g}"
+        layers = ", ".join(f"{value:.3f}" for value in self.per_layer.values())
+        return f"density ({kind}, {counted}): mean {self.mean:.4f} over {len(self.per_layer)} layers [{layers}]"
+
+
+def measure_density(
+    model: nn.Module,
+    batches: Iterable[Any],
+    module_pattern: str | None = None,
+    *,
+    threshold: float = 0.0,
+    mask_padding: bool = False,
+) -> DensityReport:
+    """Density of the MLP activations of `model` over `batches`, per layer, in eval mode.
+
+    `batches`: HF-style dict batches (a DataLoader of `course_lib.text.make_loader`), tensors or
+    (inputs, labels) pairs. `module_pattern` names the activation modules (regex; default: the
+    known architectures of `course_lib.meters.DEFAULT_ACTIVATION_PATTERNS`; the tiny Point-MAE
+    needs `r"mlp\\.activation$"`). `threshold=0` counts exact non-zeros, as DEFT does.
+
+    Derived in notebooks/part3_deft/20_activation_sparsity.ipynb.
+    """
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    per_layer = density_over_batches(model, batches, module_pattern, threshold=threshold, mask_padding=mask_padding)
+    return DensityReport(per_layer=per_layer, threshold=float(threshold), mask_padding=mask_padding)
+
+
+@torch.no_grad()
+def collect_activations(
+    model: nn.Module, batch: Any, module_pattern: str | None = None, *, mask_padding: bool = True
+) -> dict[str, torch.Tensor]:
+    """Post-activation MLP outputs of one forward pass, per layer, as (tokens, hidden) tensors.
+
+    With `mask_padding` (and a dict batch with an "attention_mask"), padding tokens are dropped,
+    so the rows are the real tokens of the batch, in order. Eval mode, no gradients; the model's
+    mode is restored.
+
+    Derived in notebooks/part3_deft/20_activation_sparsity.ipynb.
+    """
+    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if isinstance(inputs, Mapping):
+        inputs = {key: value for key, value in inputs.items() if key != "labels"}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with ActivationCollector(model, module_pattern) as collector:
+            if isinstance(inputs, Mapping):
+                model(**{key: value.to(device) for key, value in inputs.items()})
+            elif isinstance(inputs, torch.Tensor):
+                model(inputs.to(device))
+            else:
+                raise TypeError(f"batch must be a dict of tensors, a tensor or an (inputs, labels) pair, got {type(batch).__name__}")
+            activations = dict(collector.activations)
+    finally:
+        model.train(was_training)
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) and mask_padding else None
+    result = {}
+    for name, activation in activations.items():  # (B, T, H)
+        if mask is not None:
+            if activation.shape[:2] != mask.shape:
+                raise ValueError(
+                    f"{name}: activation tokens {tuple(activation.shape[:2])} do not match the attention mask "
+                    f"{tuple(mask.shape)}; pass mask_padding=False"
+                )
+            result[name] = activation[mask.to(activation.device).bool()]  # (real tokens, H)
+        else:
+            result[name] = activation.reshape(-1, activation.shape[-1])  # (B * T, H)
+    return result
+
+
+def gelu_zero_range(
+    dtype: torch.dtype = torch.float32, approximate: str = "none", low: float = -8.0, high: float = -4.0, step: float = 1e-5
+) -> tuple[float, float]:
+    """(x_all_zero, x_last_zero): GELU(x) == 0 exactly for every x < x_all_zero and for no x > x_last_zero.
+
+    GELU(x) = x Phi(x) only rounds to an exact 0 deep in the negative tail: in float32 below
+    about -5.54 (GELU(-5.5) = -1.6e-7 is still non-zero); in between the two values rounding
+    gives some zeros and some non-zeros. This is why a pre-trained BERT has almost no exact-zero
+    MLP activations, and why DEFT has to push pre-activations that far down. Found by scanning
+    `[low, high]` in steps of `step` in `dtype`.
+
+    Derived in notebooks/part3_deft/20_activation_sparsity.ipynb.
+    """
+    if not low < high or step <= 0:
+        raise ValueError(f"need low < high and step > 0, got low={low}, high={high}, step={step}")
+    xs = torch.arange(low, high, step, dtype=torch.float64).to(dtype)  # (S,)
+    is_zero = F.gelu(xs, approximate=approximate) == 0
+    if not is_zero.any() or is_zero.all():
+        raise ValueError(f"GELU in {dtype} does not cross from zero to non-zero inside [{low}, {high}]: widen the range")
+    nonzero_xs, zero_xs = xs[~is_zero], xs[is_zero]
+    return float(nonzero_xs.min()), float(zero_xs.max())
+
+
+def relative_reduction(before: float, after: float) -> float:
+    """1 - after / before: the fraction of the density that went away (DEFT's "reduced by 44.9%")."""
+    if before <= 0:
+        raise ValueError(f"the density before must be > 0, got {before}")
+    return 1.0 - after / before

@@ -1,0 +1,154 @@
+"""Sparse MLP inference: the second projection h W2 that skips the hidden units that are zero.
+
+A transformer MLP computes y = h W2 + b2 with h = GELU(x W1 + b1) of shape (N tokens, H) and
+W2 of shape (H, C) (nn.Linear stores its transpose, (C, H)). Row j of W2 is only needed where
+h[:, j] != 0. Two ways to use that on a CPU:
+
+- Row skipping over a token batch (`sparse_second_projection`): keep the hidden units that are
+  active for *any* token of the batch, J = {j : exists t, |h[t, j]| > tau}, and compute
+  y = h[:, J] W2[J, :] + b2, a dense matmul of (N, |J|) x (|J|, C). It saves |J| / H of the
+  work, but only when whole units are silent for the batch: with per-token sparsity at density
+  d spread at random, |J| / H = 1 - (1 - d)^N, which is about 1 for any real batch.
+- Per-token sparsity (`csr_second_projection`): store h as a sparse CSR matrix and let
+  `torch.sparse.mm` add only the rows each token needs. It uses every zero, but pays for
+  indexing; it only wins at low density.
+
+`benchmarks/sparse_mlp.py` measures both against the dense matmul at MiniLM's sizes.
+
+Derived in notebooks/part3_deft/22_deft_in_practice.ipynb.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "active_hidden_units",
+    "union_density",
+    "sparse_second_projection",
+    "csr_second_projection",
+    "SparseSecondProjection",
+]
+
+
+def _check_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+        shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(f"hidden must be (tokens, H), got {shape}; flatten (B, T, H) with .reshape(-1, H)")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"weight must be nn.Linear's (C, H) with H = {hidden.shape[1]} (the hidden width), got {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be (C,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def active_hidden_units(hidden: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """Indices of the hidden units with |h| > threshold for at least one token: (tokens, H) -> (|J|,).
+
+    Derived in notebooks/part3_deft/22_deft_in_practice.ipynb.
+    """
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be (tokens, H), got {tuple(hidden.shape)}")
+    if threshold > 0:
+        return (hidden.abs().amax(dim=0) > threshold).nonzero().squeeze(1)  # (|J|,)
+    # exact: a unit is silent iff its largest and smallest value over the tokens are both 0
+    # (two reductions without a (tokens, H) temporary: cheaper than (hidden != 0).any(0))
+    return ((hidden.amax(dim=0) != 0) | (hidden.amin(dim=0) != 0)).nonzero().squeeze(1)  # (|J|,)
+
+
+def union_density(hidden: torch.Tensor, threshold: float = 0.0) -> float:
+    """|J| / H: the fraction of W2's rows a token batch needs (what row skipping can save)."""
+    return active_hidden_units(hidden, threshold).numel() / hidden.shape[1]
+
+
+def sparse_second_projection(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    threshold: float = 0.0,
+    weight_by_unit: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = h W2 + b2 computed on the hidden units active for the batch only: (N, H) -> (N, C).
+
+    `weight` is nn.Linear's (C, H). Entries with |h| <= threshold count as zero (threshold = 0:
+    exact, the result equals the dense one up to float rounding). `weight_by_unit` (H, C), the
+    contiguous transpose of `weight`, makes gathering rows cheap; pass it when calling often
+    (`SparseSecondProjection` keeps one).
+
+    Derived in notebooks/part3_deft/22_deft_in_practice.ipynb.
+    """
+    _check_hidden(hidden, weight, bias)
+    if threshold > 0:
+        hidden = hidden * (hidden.abs() > threshold)  # small entries -> exact zeros
+    units = active_hidden_units(hidden)  # J, (|J|,)
+    if units.numel() == hidden.shape[1]:  # no unit is silent for the whole batch: nothing to skip
+        return F.linear(hidden, weight, bias)
+    rows = (weight_by_unit if weight_by_unit is not None else weight.t()).index_select(0, units)  # W2[J, :]  (|J|, C)
+    output = hidden.index_select(1, units) @ rows  # (N, |J|) x (|J|, C) -> (N, C)
+    return output + bias if bias is not None else output
+
+
+def csr_second_projection(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    threshold: float = 0.0,
+    weight_by_unit: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = h W2 + b2 with h as a sparse CSR matrix: each token adds only its own active rows of W2.
+
+    Same arguments and result as `sparse_second_projection`; uses per-token sparsity.
+
+    Derived in notebooks/part3_deft/22_deft_in_practice.ipynb.
+    """
+    _check_hidden(hidden, weight, bias)
+    if threshold > 0:
+        hidden = hidden * (hidden.abs() > threshold)
+    by_unit = weight_by_unit if weight_by_unit is not None else weight.t().contiguous()  # W2 (H, C)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and checked by the tests
+        warnings.simplefilter("ignore", UserWarning)
+        output = torch.sparse.mm(hidden.to_sparse_csr(), by_unit)  # sum_{j: h[t,j] != 0} h[t, j] W2[j, :]
+    return output + bias if bias is not None else output
+
+
+class SparseSecondProjection(nn.Module):
+    """A drop-in for an MLP's second nn.Linear (H -> C) that skips the rows of W2 unused by the batch.
+
+    `mode="rows"` (row skipping over the token batch) or `"csr"` (per-token sparse matmul).
+    Inputs of any shape (..., H); the weights are the Linear's (shared, not copied), plus a
+    contiguous (H, C) transpose for gathering rows, taken when it is built: for inference with
+    frozen (or merged) weights.
+
+    Derived in notebooks/part3_deft/22_deft_in_practice.ipynb.
+    """
+
+    def __init__(self, linear: nn.Linear, *, threshold: float = 0.0, mode: str = "rows") -> None:
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"SparseSecondProjection wraps an nn.Linear, got {type(linear).__name__}")
+        if mode not in ("rows", "csr"):
+            raise ValueError(f"mode must be 'rows' or 'csr', got {mode!r}")
+        if threshold < 0:
+            raise ValueError(f"threshold must be >= 0, got {threshold}")
+        self.linear = linear
+        self.threshold = threshold
+        self.mode = mode
+        self.register_buffer("weight_by_unit", linear.weight.detach().t().contiguous(), persistent=False)  # (H, C)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., H) -> (..., C)."""
+        flat = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+        project = sparse_second_projection if self.mode == "rows" else csr_second_projection
+        output = project(
+            flat, self.linear.weight, self.linear.bias, threshold=self.threshold, weight_by_unit=self.weight_by_unit
+        )
+        return output.reshape(*hidden.shape[:-1], output.shape[-1])
