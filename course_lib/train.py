@@ -283,20 +283,23 @@ def recalibrate_batch_norm(
     "Precise BatchNorm" (Wu and Johnson, 2021): after training, the running statistics (an
     exponential average, momentum 0.1, of batch statistics seen while the weights moved) can lag
     behind the network; replacing them with a plain average over the training data fixes eval
-    mode. `dataset` yields (inputs, label) pairs, or anything `forward(model, batch)` runs the
+    mode. BatchNorms that stay in eval mode under `model.train()` are left alone. `dataset`
+    yields (inputs, label) pairs, or anything `forward(model, batch)` runs the
     model on (e.g. a model that also takes dataset indices). Returns the model in eval mode,
     momenta restored.
 
     Derived in notebooks/part2_point_peft/13_point_baselines.ipynb.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    model.train()
+    # only the BatchNorms that training updates: a sub-module that the model keeps in eval mode
+    # while training (a frozen copy, e.g. Point-PEFT's query encoder) keeps its statistics
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     if not norms:
-        raise ValueError("recalibrate_batch_norm: the model has no BatchNorm layer to recalibrate")
+        raise ValueError("recalibrate_batch_norm: the model has no BatchNorm layer (in training mode) to recalibrate")
     momenta = [norm.momentum for norm in norms]
     for norm in norms:
         norm.reset_running_stats()  # mean 0, variance 1, count 0
         norm.momentum = None  # None: a cumulative (plain) average over the batches
-    model.train()
     try:
         for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
             if forward is not None:

@@ -107,3 +107,14 @@ def test_bad_settings_are_clear_errors():
         PointRecipe(variant="scanobjectnn")
     with pytest.raises(ValueError, match="workers"):
         run_settings([], workers=0)
+
+
+def test_fit_head_on_features_trains_only_the_head_and_lowers_the_loss(model_config, bank_set):
+    from course_lib.point_peft.experiments import fit_head_on_features
+
+    model, _ = build_setting(SettingRun("full_finetune", 0, TINY_RECIPE), model_config, bank_set)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    losses = fit_head_on_features(model, bank_set, epochs=15, lr=3e-3, weight_decay=0.0, batch_size=10)
+    assert losses[-1] < losses[0]
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(name.startswith("head.") for name in changed)

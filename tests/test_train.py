@@ -208,3 +208,29 @@ def test_recalibrate_batch_norm_with_a_custom_forward():
     with torch.no_grad():
         hidden = model[0](torch.stack([item["x"] for item in data]))
     assert seen == [8] and torch.allclose(model[1].running_mean, hidden.mean(dim=0), atol=1e-5)
+
+
+def test_recalibrate_batch_norm_leaves_eval_mode_submodules_alone():
+    from course_lib.train import recalibrate_batch_norm
+
+    class WithFrozenCopy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trained = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+            self.frozen = torch.nn.BatchNorm1d(3)  # kept in eval mode, like a frozen query encoder
+
+        def train(self, mode=True):
+            super().train(mode)
+            self.frozen.eval()
+            return self
+
+        def forward(self, x):
+            return self.trained(x) + self.frozen(x).sum()
+
+    torch.manual_seed(0)
+    model = WithFrozenCopy()
+    model.frozen.running_mean.fill_(3.0)
+    data = [(torch.randn(3), 0) for _ in range(8)]
+    recalibrate_batch_norm(model, data, batch_size=4)
+    assert torch.all(model.frozen.running_mean == 3.0)  # untouched
+    assert not torch.allclose(model.trained[1].running_mean, torch.zeros(4))  # recomputed

@@ -50,7 +50,7 @@ from course_lib.point_peft.memory_bank import build_memory_bank
 from course_lib.point_peft.model import PointPEFTConfig, PointPEFTModel
 from course_lib.points.checkpoint import load_pretrained_point_mae
 from course_lib.points.datasets import SHAPE_VARIANTS, load_shapes
-from course_lib.points.point_mae import PointMAEConfig, PointMAEEncoder, extract_features
+from course_lib.points.point_mae import ClassificationHead, PointMAEConfig, PointMAEEncoder, extract_features
 from course_lib.points.pretrain import linear_probe_accuracy
 from course_lib.points.transforms import random_scale_translate, rotate_about_up_axis
 from course_lib.train import evaluate, recalibrate_batch_norm, set_seed, train
@@ -64,6 +64,7 @@ __all__ = [
     "scan_augmentation",
     "clean_augmentation",
     "build_setting",
+    "fit_head_on_features",
     "run_setting",
     "run_settings",
     "summarize",
@@ -111,7 +112,12 @@ class PointRecipe:
         variant: shape variant ("pb_t50_rs", "clean", ...).
         train_per_class / test_per_class: shapes per class (None: all stored).
         num_points: points per cloud the encoder sees (it was pretrained on 1024).
-        head_epochs: epochs that train only `NEW_PARTS` first; num_epochs: epochs of the setting.
+        head_fit_epochs: first, the head alone is fitted on the model's frozen features of the
+            un-augmented training set (computed once, in eval mode): "linear probe, then
+            fine-tune" (LP-FT, Kumar et al. 2022), so fine-tuning starts from a head that already
+            reads the features, not from a random one. 0 skips it.
+        head_epochs: then epochs that train only `NEW_PARTS` (head, CLS) on augmented clouds.
+        num_epochs: epochs of the setting's parameters.
         lr: full fine-tuning and from scratch; peft_lr: every other trained setting.
         lora_rank: LoRA's r (alpha = 2 r).
         activation_batch: batch size for the activation-memory meter (one training step).
@@ -122,6 +128,7 @@ class PointRecipe:
     test_per_class: int | None = None
     num_points: int = 1024
     batch_size: int = 32
+    head_fit_epochs: int = 0
     head_epochs: int = 1
     num_epochs: int = 7
     lr: float = 1e-3
@@ -137,7 +144,7 @@ class PointRecipe:
     def __post_init__(self) -> None:
         if self.variant not in SHAPE_VARIANTS:
             raise ValueError(f"unknown shape variant {self.variant!r}; choose one of {list(SHAPE_VARIANTS)}")
-        if self.num_epochs < 1 or self.head_epochs < 0:
+        if self.num_epochs < 1 or self.head_epochs < 0 or self.head_fit_epochs < 0:
             raise ValueError(f"need num_epochs >= 1 and head_epochs >= 0, got {self.num_epochs}, {self.head_epochs}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -255,6 +262,56 @@ def _forward_for_batch_norm(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     return model(**{key: value for key, value in batch.items() if key != "labels"})
 
 
+def _classification_head(model: nn.Module) -> ClassificationHead:
+    heads = [m for m in model.modules() if isinstance(m, ClassificationHead)]
+    if len(heads) != 1:
+        raise ValueError(f"expected one ClassificationHead in the model, found {len(heads)}")
+    return heads[0]
+
+
+def fit_head_on_features(
+    model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, weight_decay: float, batch_size: int = 32,
+    seed: int = 0, with_indices: bool = False,
+) -> list[float]:  # fmt: skip
+    """Fit the model's `ClassificationHead` alone on the head inputs [CLS, max over tokens] (2C) of
+    `dataset`, computed once with the model in eval mode (no augmentation). Returns the mean loss
+    per epoch. The rest of the model is untouched; the head ends in train mode.
+
+    Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
+    """
+    head = _classification_head(model)
+    captured: list[Tensor] = []
+    hook = head.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in DataLoader(_DictDataset(dataset, with_indices), batch_size=64):
+                _forward_for_batch_norm(model, batch)
+    finally:
+        hook.remove()
+        model.train(was_training)
+    tokens = torch.cat(captured)  # (S, 1+G, C)
+    features = torch.cat([tokens[:, 0], tokens[:, 1:].amax(dim=1)], dim=-1)  # the head's input  (S, 2C)
+    labels = torch.as_tensor([dataset[i][1] for i in range(len(dataset))])
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    head.train()
+    losses = []
+    for _ in range(epochs):
+        order = torch.randperm(len(labels), generator=generator)
+        total = 0.0
+        for start in range(0, len(order) - batch_size + 1, batch_size):  # full batches (BatchNorm)
+            chosen = order[start : start + batch_size]
+            loss = F.cross_entropy(head.mlp(features[chosen]), labels[chosen])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(chosen)
+        losses.append(total / (len(order) // batch_size * batch_size))
+    return losses
+
+
 def _linear_probe(model: PointMAEEncoder, train_set: Dataset, test_set: Dataset) -> dict[str, Any]:
     start = time.perf_counter()
     train_features, train_labels = extract_features(model, train_set, batch_size=64)
@@ -275,6 +332,13 @@ def _fine_tune(model: nn.Module, run: SettingRun, info: dict[str, Any], train_se
     )  # fmt: skip
     lr = recipe.lr if run.setting in ("from_scratch", "full_finetune") else recipe.peft_lr
     setting_trains = {name for name, p in model.named_parameters() if p.requires_grad}  # the setting's set
+    head_fit_losses = []
+    if recipe.head_fit_epochs:
+        set_seed(run.seed)
+        head_fit_losses = fit_head_on_features(
+            model, plain_train_set, epochs=recipe.head_fit_epochs, lr=recipe.lr, weight_decay=recipe.weight_decay,
+            batch_size=recipe.batch_size, seed=run.seed, with_indices=with_indices,
+        )  # fmt: skip
     histories = []
     for phase, num_epochs in (("head", recipe.head_epochs), ("setting", recipe.num_epochs)):
         if num_epochs == 0:
@@ -306,6 +370,7 @@ def _fine_tune(model: nn.Module, run: SettingRun, info: dict[str, Any], train_se
         "sec_per_step": setting_history.seconds_per_step,
         "activation_mib": memory.activation_mib,
         "train_loss": [loss for history in histories for loss in history.train_loss],
+        "head_fit_loss": head_fit_losses,
         "lr": lr,
     }
 
