@@ -19,11 +19,15 @@ notebooks/part4_meft/31_reversible_layers.ipynb).
 
 Precision. The rounding error of storing y1 = lambda x1 + F(x2) is about eps |F(x2)|, and the
 inverse divides it by lambda; layer after layer the error grows by about 10x (more with F's
-own sensitivity), and in float32 six MiniLM layers already lose most digits of the gradient. The
-cure measured in notebook 31: keep the *streams* in float64 (`compute_dtype=torch.float32`
-with float64 inputs): F and G still run in float32 on a float32 copy of their input, but the
-sums and differences of the coupling are done and stored in float64, and F(x2) recomputed in
-backward is bit-for-bit the forward's value, so the inverse is exact to float64 rounding.
+own sensitivity), and in float32 six MiniLM layers already lose most digits of the gradient. A
+partial cure measured in notebook 31: keep the *streams* in float64 (`compute_dtype=torch.float32`
+with float64 inputs): F and G still run in float32 on a float32 copy of their input, while the
+sums and differences of the coupling are done and stored in float64. The stream arithmetic is
+then exact to float64 rounding, but F(x2) recomputed in backward equals the forward's value only
+when the reconstructed x2 rounds to the same float32 input; when it lands one float32 step away,
+F's output moves by that much and the divisions amplify it again. The gradient error shrinks
+(about 9x for MEFT1 on MiniLM) but does not vanish; only float64 layers make it ~1e-9
+(benchmarks/activation_memory.py records the figures).
 
 MEFT1 and MEFT2 hand the two outputs to the next layer in swapped order, (y2, y1); MEFT3 keeps
 (y1, y2). `swap_outputs=True` makes `forward` return (y2, y1), and `inverse` takes the outputs

@@ -20,10 +20,16 @@ their inputs and the pre-trained computation is lost (measured in
 notebooks/part4_meft/32_meft.ipynb).
 
 Precision: by default the two streams are kept in float64 around float32 layers
-(`stream_dtype`), which makes the inverse exact to float64 rounding; with float32 streams (the
-official code) six MiniLM layers lose most digits of the gradient to the divisions by 0.1
-(measured in notebooks/part4_meft/31_reversible_layers.ipynb). The streams cost 2 (B, T, C)
-tensors of 8 bytes instead of 4.
+(`stream_dtype`). That makes the stream arithmetic exact to float64 rounding, but not the
+recomputation: F and G run in float32, so a reconstructed input that differs from the forward
+one in its last float32 bit gives a slightly different F(x2), and every division by 0.1 in the
+inverse multiplies such errors by ten. On MiniLM (six layers, batch 32 x 128) the largest
+relative parameter-gradient error against plain autograd was 0.009 (MEFT1), 0.09 (MEFT2) and
+4 (MEFT3, two divisions per layer) with float64 streams, and 0.08, 0.3 and more with float32
+streams (the official code): benchmarks/activation_memory.py records them,
+notebooks/part4_meft/31_reversible_layers.ipynb shows the growth with depth. Gradients are exact
+(to 1e-9) only when the layers run in float64 too (`model.double()`). The streams cost 2
+(B, T, C) tensors of 8 bytes instead of 4.
 
 Everything of the pre-trained model is frozen (copied, the original is left alone); adapters
 and the task head train. `reversible=False` runs the same model through plain autograd (for

@@ -31,6 +31,7 @@ every result is the same as in one process.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import multiprocessing
 import statistics
 import time
@@ -90,17 +91,25 @@ def tiny_point_peft_config(**overrides: Any) -> PointPEFTConfig:
     scaled by 128 / 384 they are about 5 and 3.
     `bank_query_in_training=True`: a training shape's retrieval query is its bank row (see
     `PointPEFTConfig`), which saves one frozen forward per step.
+
+    Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
     """
     return PointPEFTConfig(**({"adapter_bottleneck": 4, "retrieval_bottleneck": 4, "bank_query_in_training": True} | overrides))
 
 
 def scan_augmentation(points: Tensor) -> Tensor:
-    """(N, 3) -> (N, 3): scale U(0.9, 1.1) per axis, turn U(0, 2 pi) about the up axis (PB_T50_RS)."""
+    """(N, 3) -> (N, 3): scale U(0.9, 1.1) per axis, turn U(0, 2 pi) about the up axis (PB_T50_RS).
+
+    Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
+    """
     return rotate_about_up_axis(random_scale_translate(points, scale_range=(0.9, 1.1), translate_range=0.0))
 
 
 def clean_augmentation(points: Tensor) -> Tensor:
-    """(N, 3) -> (N, 3): scale U(2/3, 3/2) per axis and shift U(-0.2, 0.2) (the clean set)."""
+    """(N, 3) -> (N, 3): scale U(2/3, 3/2) per axis and shift U(-0.2, 0.2) (the clean set).
+
+    Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
+    """
     return random_scale_translate(points)
 
 
@@ -121,6 +130,8 @@ class PointRecipe:
         lr: full fine-tuning and from scratch; peft_lr: every other trained setting.
         lora_rank: LoRA's r (alpha = 2 r).
         activation_batch: batch size for the activation-memory meter (one training step).
+
+    Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
     """
 
     variant: str = "pb_t50_rs"
@@ -145,7 +156,10 @@ class PointRecipe:
         if self.variant not in SHAPE_VARIANTS:
             raise ValueError(f"unknown shape variant {self.variant!r}; choose one of {list(SHAPE_VARIANTS)}")
         if self.num_epochs < 1 or self.head_epochs < 0 or self.head_fit_epochs < 0:
-            raise ValueError(f"need num_epochs >= 1 and head_epochs >= 0, got {self.num_epochs}, {self.head_epochs}")
+            raise ValueError(
+                f"need num_epochs >= 1, head_epochs >= 0 and head_fit_epochs >= 0, got {self.num_epochs}, "
+                f"{self.head_epochs} and {self.head_fit_epochs}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -155,7 +169,10 @@ class PointRecipe:
 class SettingRun:
     """One run: a setting of `SETTINGS`, a seed, a recipe, and Point-PEFT options for the
     prompt/adapter settings (`tiny_point_peft_config()` when None). `label` names the run in
-    tables (default: the setting)."""
+    tables (default: the setting).
+
+    Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
+    """
 
     setting: str
     seed: int = 0
@@ -210,6 +227,8 @@ def build_setting(
     weights on top of the frozen encoder; Point-PEFT: its report, the query-encoder copy aside),
     info["uses_indices"] (the model takes the batch's bank rows). `bank_train_set` (the
     un-augmented training set) is needed by the settings that retrieve from a memory bank.
+
+    Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
     """
     set_seed(run.seed)
     if run.setting == "from_scratch":
@@ -414,10 +433,6 @@ def run_setting(run: SettingRun) -> dict[str, Any]:
     }
 
 
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 def run_settings(
     runs: Sequence[SettingRun], *, workers: int = 1, progress: bool = True, threads_per_worker: int = 1
 ) -> list[dict[str, Any]]:
@@ -425,6 +440,8 @@ def run_settings(
 
     Each worker process runs torch on `threads_per_worker` threads (small matrices: one thread
     each and one process per core beats two threads in one process on a shared machine).
+
+    Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -433,7 +450,7 @@ def run_settings(
         return [run_setting(run) for run in tqdm(runs, disable=not progress, desc="runs")]
     rows: list[dict[str, Any] | None] = [None] * len(runs)
     context = multiprocessing.get_context("spawn")  # fresh interpreters: safe from a notebook kernel
-    initializer = _one_thread if threads_per_worker == 1 else (lambda: torch.set_num_threads(threads_per_worker))
+    initializer = functools.partial(torch.set_num_threads, threads_per_worker)  # picklable, unlike a lambda
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=initializer) as pool:
         futures = {pool.submit(run_setting, run): i for i, run in enumerate(runs)}
         for future in tqdm(as_completed(futures), total=len(runs), disable=not progress, desc="runs"):
@@ -443,7 +460,10 @@ def run_settings(
 
 def summarize(rows: Iterable[dict[str, Any]], key: str = "label") -> dict[str, dict[str, Any]]:
     """Group rows by `key` (label by default): mean and sample std of accuracy over seeds, and the
-    means of trainable %, seconds per epoch and activation MiB. Accuracy stays in [0, 1]."""
+    means of trainable %, seconds per epoch and activation MiB. Accuracy stays in [0, 1].
+
+    Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
+    """
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(row[key], []).append(row)
