@@ -33,7 +33,10 @@ __all__ = ["DensityReport", "measure_density", "collect_activations", "gelu_zero
 
 @dataclass(frozen=True)
 class DensityReport:
-    """Per-layer activation density (0..1) and how it was counted."""
+    """Per-layer activation density (0..1) and how it was counted.
+
+    Derived in notebooks/part3_deft/20_activation_sparsity.ipynb.
+    """
 
     per_layer: dict[str, float]  # module name -> fraction of |a| > threshold
     threshold: float
@@ -142,7 +145,10 @@ def gelu_zero_range(
 
 
 def relative_reduction(before: float, after: float) -> float:
-    """1 - after / before: the fraction of the density that went away (DEFT's "reduced by 44.9%")."""
+    """1 - after / before: the fraction of the density that went away (DEFT's "reduced by 44.9%").
+
+    Derived in notebooks/part3_deft/20_activation_sparsity.ipynb.
+    """
     if before <= 0:
         raise ValueError(f"the density before must be > 0, got {before}")
     return 1.0 - after / before

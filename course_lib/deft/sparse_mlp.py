@@ -64,7 +64,10 @@ def active_hidden_units(hidden: torch.Tensor, threshold: float = 0.0) -> torch.T
 
 
 def union_density(hidden: torch.Tensor, threshold: float = 0.0) -> float:
-    """|J| / H: the fraction of W2's rows a token batch needs (what row skipping can save)."""
+    """|J| / H: the fraction of W2's rows a token batch needs (what row skipping can save).
+
+    Derived in notebooks/part3_deft/22_deft_in_practice.ipynb.
+    """
     return active_hidden_units(hidden, threshold).numel() / hidden.shape[1]
 
 

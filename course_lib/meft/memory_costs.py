@@ -47,6 +47,8 @@ class ActivationCostModel:
 
     `coefficients` follow `COST_TERMS`; `max_relative_residual` is the worst misfit on the grid
     it was fitted to; `measurements` maps (B, T, L) to the measured bytes.
+
+    Derived in notebooks/part4_meft/30_where_memory_goes.ipynb.
     """
 
     method: str
@@ -68,7 +70,10 @@ class ActivationCostModel:
 
 
 def measure_saved_bytes(model: nn.Module, batch_size: int, seq_len: int, vocab_size: int = 30522, seed: int = 0) -> int:
-    """Activation bytes (parameters excluded) one forward pass of `model` saves on random tokens, all real."""
+    """Activation bytes (parameters excluded) one forward pass of `model` saves on random tokens, all real.
+
+    Derived in notebooks/part4_meft/30_where_memory_goes.ipynb.
+    """
     generator = torch.Generator().manual_seed(seed)
     batch = {
         "input_ids": torch.randint(1000, vocab_size, (batch_size, seq_len), generator=generator),
@@ -92,6 +97,8 @@ def fit_activation_costs(
     `pretrained`: a Hugging Face BertForSequenceClassification (MiniLM in the course). The grid
     must have at least two batch sizes, three lengths and two depths (8 coefficients). Models are
     built with `build_method(method, pretrained, num_layers=L)` in train mode (dropout on).
+
+    Derived in notebooks/part4_meft/30_where_memory_goes.ipynb.
     """
     methods = list(methods)
     unknown = [m for m in methods if m not in METHOD_NAMES]

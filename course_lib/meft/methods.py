@@ -54,6 +54,8 @@ def with_num_layers(model: nn.Module, num_layers: int) -> nn.Module:
     """A copy of a Hugging Face BERT model with `num_layers` layers: layer i is a copy of layer i mod L.
 
     Fewer layers than the original keeps the lowest ones. For measuring memory against depth.
+
+    Derived in notebooks/part4_meft/30_where_memory_goes.ipynb.
     """
     if not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
@@ -67,7 +69,10 @@ def with_num_layers(model: nn.Module, num_layers: int) -> nn.Module:
 
 
 def enable_checkpointing(model: nn.Module) -> nn.Module:
-    """Hugging Face gradient checkpointing per layer (non-reentrant); returns the model."""
+    """Hugging Face gradient checkpointing per layer (non-reentrant); returns the model.
+
+    Derived in notebooks/part4_meft/30_where_memory_goes.ipynb.
+    """
     enable = getattr(model, "activation_checkpointing_enable", None) or getattr(model, "gradient_checkpointing_enable", None)
     if enable is None:
         raise TypeError(f"{type(model).__name__} has no gradient checkpointing switch (not a Hugging Face model?)")

@@ -67,7 +67,10 @@ __all__ = [
 @dataclass(frozen=True)
 class MEFTVariant:
     """What F and G are ("layer", "attention", "mlp": that part + an adapter; "adapter": the adapter alone),
-    the scales, and whether the outputs are swapped."""
+    the scales, and whether the outputs are swapped.
+
+    Derived in notebooks/part4_meft/32_meft.ipynb.
+    """
 
     name: str
     F: str
@@ -91,6 +94,8 @@ def make_meft_adapter(dim: int, bottleneck: int = 8, std: float = 0.02) -> Bottl
     """A dim -> bottleneck -> dim ReLU adapter with all weights N(0, std) and zero biases (MEFT's init).
 
     Unlike the zero-up-projection adapters of Part 1, its output is small but not zero.
+
+    Derived in notebooks/part4_meft/32_meft.ipynb.
     """
     adapter = BottleneckAdapter(dim, bottleneck, activation="relu")
     for layer in (adapter.down, adapter.up):
@@ -103,6 +108,8 @@ class BlockWithAdapter(nn.Module):
     """part(x) + adapter(x), part one of "layer" (the whole BertBlock), "attention", "mlp".
 
     MEFT3's F and G share one BertBlock (F uses its attention half, G its MLP half).
+
+    Derived in notebooks/part4_meft/32_meft.ipynb.
     """
 
     def __init__(self, block: BertBlock, part: str, adapter: BottleneckAdapter) -> None:
@@ -127,7 +134,10 @@ class BlockWithAdapter(nn.Module):
 
 
 class AdapterOnly(nn.Module):
-    """adapter(x): MEFT1's G and MEFT2's F."""
+    """adapter(x): MEFT1's G and MEFT2's F.
+
+    Derived in notebooks/part4_meft/32_meft.ipynb.
+    """
 
     def __init__(self, adapter: BottleneckAdapter) -> None:
         super().__init__()
@@ -227,6 +237,8 @@ class MEFTForSequenceClassification(nn.Module):
 
     Called like `BertForSequenceClassification`; returns a `SequenceClassifierOutput` with
     `.logits` (B, num_labels) and `.loss` (cross-entropy) when `labels` are given.
+
+    Derived in notebooks/part4_meft/32_meft.ipynb.
     """
 
     def __init__(self, encoder: MEFTEncoder, pooler: nn.Module | None, dropout: float, classifier: nn.Module) -> None:

@@ -44,7 +44,10 @@ def memory_curves(
     seq_len: int = 128,
     num_layers: int = 6,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """method -> (x values, activation MiB) along `x_axis`, the other two sizes held fixed."""
+    """method -> (x values, activation MiB) along `x_axis`, the other two sizes held fixed.
+
+    Derived in notebooks/part4_meft/30_where_memory_goes.ipynb.
+    """
     if x_axis not in X_AXES:
         raise ValueError(f"x_axis must be one of {list(X_AXES)}, got {x_axis!r}")
     methods = list(costs) if methods is None else list(methods)
@@ -74,7 +77,10 @@ def memory_curves_figure(
     num_layers: int = 6,
     curves: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> Figure:
-    """Log-log plot of the curves, with the current setting marked on each."""
+    """Log-log plot of the curves, with the current setting marked on each.
+
+    Derived in notebooks/part4_meft/30_where_memory_goes.ipynb.
+    """
     if curves is None:
         curves = memory_curves(costs, methods, x_axis, batch_size, seq_len, num_layers)
     figure = Figure(figsize=(7.5, 4.2))
@@ -112,6 +118,8 @@ class MemoryCurvesExplorer:
 
     Attributes the tests read: `controls` (name -> ipywidget), `last_curves`, `last_figure`,
     `update_count`.
+
+    Derived in notebooks/part4_meft/30_where_memory_goes.ipynb.
     """
 
     def __init__(
@@ -174,5 +182,8 @@ def make_memory_curves_widget(
     seq_len: int = 128,
     num_layers: int = 6,
 ) -> Any:
-    """The memory-curve widget (an ipywidgets VBox); its controller is `widget.explorer`."""
+    """The memory-curve widget (an ipywidgets VBox); its controller is `widget.explorer`.
+
+    Derived in notebooks/part4_meft/30_where_memory_goes.ipynb.
+    """
     return MemoryCurvesExplorer(costs, methods, batch_size, seq_len, num_layers).widget

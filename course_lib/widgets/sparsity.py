@@ -39,7 +39,10 @@ LOG_BINS = np.linspace(-9.0, 2.0, 45)
 
 
 class SparsityHistogram(NamedTuple):
-    """What the explorer shows for one layer of one model on one sentence."""
+    """What the explorer shows for one layer of one model on one sentence.
+
+    Derived in notebooks/part3_deft/20_activation_sparsity.ipynb.
+    """
 
     layer: str  # module name
     threshold: float
@@ -52,7 +55,10 @@ class SparsityHistogram(NamedTuple):
 
 
 def layer_label(name: str) -> str:
-    """"bert.encoder.layer.3.intermediate.intermediate_act_fn" -> "layer 3" (the first number in the name)."""
+    """"bert.encoder.layer.3.intermediate.intermediate_act_fn" -> "layer 3" (the first number in the name).
+
+    Derived in notebooks/part3_deft/20_activation_sparsity.ipynb.
+    """
     match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
     return f"layer {match.group(1)}" if match else name
 
@@ -60,7 +66,10 @@ def layer_label(name: str) -> str:
 def sentence_activations(
     model: nn.Module, tokenizer: Any, sentence: str, module_pattern: str | None = None
 ) -> dict[str, torch.Tensor]:
-    """Post-activation MLP outputs of every layer for one sentence: name -> (tokens, H), eval mode."""
+    """Post-activation MLP outputs of every layer for one sentence: name -> (tokens, H), eval mode.
+
+    Derived in notebooks/part3_deft/20_activation_sparsity.ipynb.
+    """
     if not isinstance(sentence, str) or not sentence.strip():
         raise ValueError("sentence must be a non-empty string")
     batch = dict(tokenizer([sentence], return_tensors="pt"))
@@ -96,6 +105,8 @@ def sparsity_figure(histograms: Mapping[str, SparsityHistogram], title: str = ""
     """One panel: log10|a| histograms (one colour per model), exact zeros as a bar on the left, tau as a line.
 
     `histograms`: model name -> SparsityHistogram (of the same layer and sentence).
+
+    Derived in notebooks/part3_deft/20_activation_sparsity.ipynb.
     """
     if not histograms:
         raise ValueError("histograms is empty: pass model name -> SparsityHistogram")
@@ -137,6 +148,8 @@ class SparsityExplorer:
     Attributes the tests read: `controls` (name -> ipywidget: "layer", "threshold", "sentence"),
     `last_histograms` (model name -> SparsityHistogram of the last update), `last_figure`,
     `update_count`. Activations are computed once per sentence and model, then cached.
+
+    Derived in notebooks/part3_deft/20_activation_sparsity.ipynb.
     """
 
     def __init__(
@@ -209,5 +222,7 @@ def make_sparsity_widget(
     """The sparsity explorer (an ipywidgets VBox) for one model or a dict of models (e.g. before/after DEFT).
 
     The controller is `widget.explorer` (a SparsityExplorer: controls, last_histograms, update).
+
+    Derived in notebooks/part3_deft/20_activation_sparsity.ipynb.
     """
     return SparsityExplorer(models, tokenizer, sentences, module_pattern=module_pattern, threshold=threshold).widget
