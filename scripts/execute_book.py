@@ -27,6 +27,15 @@ import nbformat
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: Full-mode minutes of the long notebooks on a 2-core CPU (README's course map), to start them
+#: first on a fresh machine; a cached earlier run of the same file takes precedence.
+EXPECTED_MINUTES = {
+    "notebooks/part2_point_peft/16_point_peft_results.ipynb": 15,
+    "notebooks/part1_foundations/02_peft_zoo.ipynb": 8,
+    "notebooks/part4_meft/32_meft.ipynb": 8,
+    "notebooks/part3_deft/22_deft_in_practice.ipynb": 6,
+    "notebooks/part2_point_peft/13_point_baselines.ipynb": 4,
+}
 CACHE_PATH = REPO_ROOT / "_build" / ".jupyter_cache"  # where `jupyter-book build .` keeps it
 
 
@@ -73,8 +82,13 @@ def main() -> int:
     if not missing:
         print("execute_book: every notebook is already executed in the cache")
         return 0
-    # longest first (by an earlier run of the same file; unknown ones count as long)
-    missing.sort(key=lambda path: -previous.get(path, float("inf")))
+    # longest first: by an earlier run of the same file, else by EXPECTED_MINUTES (else short)
+    def expected_seconds(path: str) -> float:
+        if path in previous:
+            return previous[path]
+        return 60.0 * EXPECTED_MINUTES.get(str(Path(path).relative_to(REPO_ROOT)), 0.5)
+
+    missing.sort(key=expected_seconds, reverse=True)
     if args.dry_run:
         print("\n".join(f"would run {Path(p).relative_to(REPO_ROOT)} (last run: {previous.get(p, 'never')} s)" for p in missing))
         return 0
