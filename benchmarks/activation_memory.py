@@ -28,7 +28,8 @@ import torch
 
 from benchmarks.common import interleaved_median_seconds, write_bench
 from course_lib.config import fast_or_full
-from course_lib.meft import METHOD_LABELS, build_method, meft_from_hf
+from course_lib.meft import METHOD_LABELS, build_method, meft_from_hf, reversible_and_plain_gradients
+from course_lib.meft import gradient_errors as compare_gradients
 from course_lib.meters import measure_activation_memory, measure_peak_process_memory
 
 NAME = "activation_memory"
@@ -76,18 +77,7 @@ def gradient_errors(pretrained: torch.nn.Module, variant: str, batch: dict, stre
     """Custom backward vs plain autograd on the same float32 model and dropout masks."""
     torch.manual_seed(0)
     model = meft_from_hf(pretrained, variant, stream_dtype=stream_dtype).train()
-    grads = {}
-    for reversible in (True, False):
-        model.reversible = reversible
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(1)
-        model(**batch).loss.backward()
-        grads[reversible] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    ours, reference = grads[True], grads[False]
-    max_rel = max(((ours[n] - reference[n]).abs().max() / reference[n].abs().max()).item() for n in ours)
-    norm_rel = max(((ours[n] - reference[n]).norm() / reference[n].norm()).item() for n in ours)
-    every = torch.cat([(ours[n] - reference[n]).flatten() for n in ours]).norm() / torch.cat([reference[n].flatten() for n in ours]).norm()
-    return {"max_rel_err": max_rel, "max_norm_rel_err": norm_rel, "global_norm_rel_err": every.item()}
+    return compare_gradients(*reversible_and_plain_gradients(model, batch, seed=1))
 
 
 def peak_increase_mib(model: torch.nn.Module, batch: dict) -> float | None:

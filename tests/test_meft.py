@@ -16,7 +16,9 @@ from course_lib.meft import (
     MEFT_VARIANTS,
     ReversibleCoupling,
     build_method,
+    gradient_errors,
     meft_from_hf,
+    reversible_and_plain_gradients,
     reversible_stack,
     run_couplings,
     with_num_layers,
@@ -235,13 +237,9 @@ def test_meft_custom_backward_matches_plain_autograd_float64(minilm_classifier, 
     two_layers = with_num_layers(minilm_classifier, 2).double()
     torch.manual_seed(0)
     model = meft_from_hf(two_layers, variant).train()  # dropout on: replayed
-    grads = {}
-    for reversible in (True, False):
-        model.reversible = reversible
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(5)
-        model(**small_batch).loss.backward()
-        grads[reversible] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    reversible_grads, plain_grads = reversible_and_plain_gradients(model, small_batch, seed=5)
+    assert model.reversible  # the switch is restored
+    grads = {True: reversible_grads, False: plain_grads}
     assert grads[True].keys() == grads[False].keys() and len(grads[True]) == 2 * 2 * 4 + 2
     for name in grads[True]:
         assert torch.allclose(grads[True][name], grads[False][name], rtol=1e-7, atol=1e-10), name
@@ -314,3 +312,16 @@ def test_saved_bytes_are_attributed_to_modules():
     with pytest.raises(TypeError, match="nn.Module"):
         SavedTensorRecorder([x], attribute_modules=True)
     assert all(not hook for hook in (model[0]._forward_pre_hooks, model[0]._forward_hooks))  # hooks removed
+
+
+def test_gradient_errors_by_hand():
+    reference = {"a": torch.tensor([1.0, -2.0]), "b": torch.tensor([4.0])}
+    ours = {"a": torch.tensor([1.0, -1.0]), "b": torch.tensor([4.0])}
+    errors = gradient_errors(ours, reference)
+    assert errors["max_rel_err"] == pytest.approx(0.5)  # |(-1) - (-2)| / 2
+    assert errors["max_norm_rel_err"] == pytest.approx(1 / 5**0.5)  # ||(0, 1)|| / ||(1, -2)||
+    assert errors["global_norm_rel_err"] == pytest.approx(1 / 21**0.5)  # 1 / ||(1, -2, 4)||
+    with pytest.raises(ValueError, match="same"):
+        gradient_errors({"a": reference["a"]}, reference)
+    with pytest.raises(TypeError, match="reversible"):
+        reversible_and_plain_gradients(nn.Linear(2, 2), {})

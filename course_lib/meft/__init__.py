@@ -7,11 +7,13 @@
 - `model`         meft_from_hf(model, "meft1" | "meft2" | "meft3"): MEFT on any Hugging Face BERT
 - `methods`       build_method(name, pretrained): full FT, LoRA, adapter, LoRA + checkpointing, MEFT
 - `memory_costs`  fit_activation_costs: saved bytes as a formula in batch, length and depth
+- `gradient_check` reversible_and_plain_gradients, gradient_errors: custom backward vs autograd
 
 Derived in notebooks/part4_meft/{30_where_memory_goes,31_reversible_layers,32_meft}.ipynb.
 """
 
 from course_lib.meft.coupling import ReversibleCoupling
+from course_lib.meft.gradient_check import gradient_errors, reversible_and_plain_gradients
 from course_lib.meft.memory_costs import COST_TERMS, ActivationCostModel, fit_activation_costs, measure_saved_bytes
 from course_lib.meft.methods import METHOD_LABELS, METHOD_NAMES, build_method, enable_checkpointing, with_num_layers
 from course_lib.meft.model import (
@@ -28,6 +30,8 @@ from course_lib.meft.reversible import ReversibleStackFunction, reversible_stack
 
 __all__ = [
     "ReversibleCoupling",
+    "reversible_and_plain_gradients",
+    "gradient_errors",
     "ReversibleStackFunction",
     "reversible_stack",
     "run_couplings",
