@@ -9,7 +9,10 @@ Sub-packages, one topic each (the notebook that derives each piece is named in i
 - `course_lib.text`     the packaged MiniLM, the generated text task, GLUE-format loaders
 - `course_lib.train`    a small seeded training / evaluation loop
 - `course_lib.points`   point-cloud ops, open3d interop, the shape data, the tiny Point-MAE
-- `course_lib.point_peft` memory bank, Point-prior Prompt, Geometry-aware Adapter (Point-PEFT)
+- `course_lib.point_peft` memory bank, Point-prior Prompt, Geometry-aware Adapter (Point-PEFT),
+                        and the experiments of notebook 16
+- `course_lib.deft`     activation-density meter, density loss, sparse second MLP projection (DEFT)
+- `course_lib.meft`     reversible couplings, the custom backward, MEFT1/2/3 from a BERT (MEFT)
 - `course_lib.results`, `course_lib.download`  atomic results JSON, checked resumable downloads
 - `course_lib.widgets`  update functions behind the notebooks' interactive widgets
 
