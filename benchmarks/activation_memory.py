@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import platform
 import sys
 import warnings
 
 import torch
 
-from benchmarks.common import interleaved_median_seconds, write_bench
+from benchmarks.common import interleaved_median_seconds, torch_environment, write_bench
 from course_lib.config import fast_or_full
 from course_lib.meft import METHOD_LABELS, build_method, meft_from_hf, reversible_and_plain_gradients
 from course_lib.meft import gradient_errors as compare_gradients
@@ -184,10 +183,7 @@ def main() -> None:
             "depth": "the 6 pre-trained layers repeated (copies) to 12 and 24",
             "peak": "VmHWM increase of one forward + backward after malloc_trim (coarse; allocator state carries over)",
         },
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "machine": platform.machine(),
-        "device": "cpu",
+        **torch_environment(),
     }
     write_bench(NAME, payload)
 

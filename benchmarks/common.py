@@ -54,3 +54,17 @@ def write_bench(name: str, payload: dict[str, Any]) -> Path:
     print(json.dumps(payload, indent=2))
     print(f"wrote {path}")
     return path
+
+
+def torch_environment() -> dict[str, Any]:
+    """Where a CPU timing was taken: torch's threads and version, the machine. Spread into a payload."""
+    import platform
+
+    import torch
+
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "machine": platform.machine(),
+        "device": "cpu",
+    }

@@ -12,13 +12,12 @@ of random tokens; the two steps are timed in alternation and the medians compare
 from __future__ import annotations
 
 import copy
-import platform
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import interleaved_median_seconds, write_bench
+from benchmarks.common import interleaved_median_seconds, torch_environment, write_bench
 from course_lib.config import fast_or_full
 from course_lib.peft import LoRALinear, inject_peft
 
@@ -128,10 +127,7 @@ def main() -> None:
             "timing": "median of interleaved steps (benchmarks.common.interleaved_median_seconds)",
             "dtype": "float32",
         },
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "machine": platform.machine(),
-        "device": "cpu",
+        **torch_environment(),
     }
     write_bench(NAME, payload)
 
