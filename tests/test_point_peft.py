@@ -28,6 +28,7 @@ from course_lib.point_peft import (
     encoder_sha256,
     group_tokens,
     insert_prompts,
+    retrieval_precision,
     load_memory_bank,
     parameter_free_attention,
     point_peft,
@@ -122,6 +123,23 @@ def test_parameter_free_attention_errors():
         parameter_free_attention(torch.randn(2, 3), bank, 2)
     with pytest.raises(ValueError, match="exclude_indices"):
         parameter_free_attention(torch.randn(2, 4), bank, 2, torch.tensor([0, 7]))
+
+
+def test_retrieval_precision_counts_same_class_retrievals():
+    # two tight clusters on orthogonal directions: class 0 around e1, class 1 around e2
+    e1, e2 = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+    offsets = torch.tensor([[0.0, 0.0, 0.01], [0.0, 0.0, -0.01], [0.0, 0.0, 0.02]])
+    features = torch.cat([e1 + offsets, e2 + offsets])  # (6, 3)
+    bank = MemoryBank(features, torch.tensor([0, 0, 0, 1, 1, 1]), "0" * 64)
+    assert retrieval_precision(bank, top_k=2) == 1.0  # leave-one-out: both others of the own cluster
+    assert retrieval_precision(bank, top_k=3) == pytest.approx(2 / 3)  # the third is from the other cluster
+    queries = torch.stack([e1, e2, e1])
+    assert retrieval_precision(bank, queries, torch.tensor([0, 1, 1]), top_k=3) == pytest.approx(2 / 3)
+    assert retrieval_precision(bank, queries, torch.tensor([1, 0, 1]), top_k=1) == 0.0
+    with pytest.raises(ValueError, match="both"):
+        retrieval_precision(bank, queries)
+    with pytest.raises(ValueError, match="query_labels"):
+        retrieval_precision(bank, queries, torch.tensor([0, 1]))
 
 
 # ---------------------------------------------------------------------------------------------

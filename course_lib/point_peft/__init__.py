@@ -38,6 +38,7 @@ from course_lib.point_peft.prompt import (
     insert_prompts,
     parameter_free_attention,
     remove_prompts,
+    retrieval_precision,
 )
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "IndexedDataset",
     "Retrieval",
     "parameter_free_attention",
+    "retrieval_precision",
     "PointPriorPrompt",
     "insert_prompts",
     "remove_prompts",

@@ -31,7 +31,7 @@ They are inserted right after CLS at the block input and removed after the block
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,17 @@ from torch import Tensor, nn
 
 from course_lib.point_peft.adapter import BottleneckAdapter
 
-__all__ = ["Retrieval", "parameter_free_attention", "PointPriorPrompt", "insert_prompts", "remove_prompts"]
+if TYPE_CHECKING:
+    from course_lib.point_peft.memory_bank import MemoryBank
+
+__all__ = [
+    "Retrieval",
+    "parameter_free_attention",
+    "retrieval_precision",
+    "PointPriorPrompt",
+    "insert_prompts",
+    "remove_prompts",
+]
 
 
 class Retrieval(NamedTuple):
@@ -94,6 +104,42 @@ def parameter_free_attention(
     weighted_sum = (weights.unsqueeze(-1) * retrieved).sum(dim=1)  # r = sum a_i F_i     (B, C)
     prompts = torch.cat([query.unsqueeze(1), weighted_sum.unsqueeze(1), retrieved], dim=1)  # (B, K+2, C)
     return Retrieval(prompts, weights, indices, top_similarities)
+
+
+def retrieval_precision(
+    bank: "MemoryBank",
+    query_features: Tensor | None = None,
+    query_labels: Tensor | None = None,
+    top_k: int = 8,
+) -> float:
+    """How often the bank retrieves a shape of the query's own class: label precision@K, in [0, 1].
+
+    The fraction of the K retrieved rows (`parameter_free_attention`, cosine top-K) whose bank
+    label equals the query's label, over all queries. Without `query_features` the queries are
+    the bank's own rows, each kept from retrieving itself (leave-one-out, what a training shape
+    sees); with `query_features` (B, C) and `query_labels` (B,), e.g. the frozen encoder's
+    features of the test shapes, nothing is excluded. Chance level is about 1 / number of
+    classes for a balanced bank. A prior that retrieves the wrong classes mostly feeds noise
+    into the prompts.
+
+    Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
+    """
+    features, labels = bank.features, bank.labels
+    if (query_features is None) != (query_labels is None):
+        raise ValueError("pass both query_features (B, C) and query_labels (B,), or neither (leave-one-out on the bank)")
+    if query_features is None:
+        retrieval = parameter_free_attention(features, features, top_k, exclude_indices=torch.arange(len(labels)))
+        query_labels = labels
+    else:
+        query_labels = torch.as_tensor(query_labels).long()
+        if query_features.dim() != 2 or query_labels.shape != (query_features.shape[0],):
+            raise ValueError(
+                f"query_features must be (B, C) and query_labels (B,), got {tuple(query_features.shape)} and "
+                f"{tuple(query_labels.shape)}"
+            )
+        retrieval = parameter_free_attention(query_features.float(), features, top_k)
+    same_class = labels[retrieval.indices] == query_labels.to(labels.device)[:, None]  # (B, K)
+    return same_class.float().mean().item()
 
 
 class PointPriorPrompt(nn.Module):
