@@ -9,9 +9,11 @@ LoRA with checkpointing; MEFT's custom backward against plain autograd; memory a
   median LoRA + checkpointing step, timed in alternation, 1 thread; goal <= 1.0.
 - `grad_max_rel_err`: max over trainable tensors of max|g - g_ref| / max|g_ref|, g from MEFT's
   custom backward, g_ref from the same model through plain autograd (same dropout masks),
-  float32 layers; goal <= 1e-4. Given for the course's default (float64 streams) and for
-  float32 streams (the official code).
-- `depth_activation_mib`: the same count with the 6 layers repeated to 12 and 24.
+  float32 weights and layers; goal <= 1e-4. The headline is the course's default (float64
+  streams with one parity bit per element of every layer input, `course_lib.meft.rounding`);
+  also given without the parity bits and for float32 streams (the official code), and by depth.
+- `depth_activation_mib`: the same count with the 6 layers repeated to 12 and 24, for MEFT with
+  and without the parity bits and for LoRA with checkpointing.
 
     .venv/bin/python -m benchmarks.activation_memory    # writes results/bench/activation_memory.json
 """
@@ -27,11 +29,12 @@ import torch
 
 from benchmarks.common import interleaved_median_seconds, torch_environment, write_bench
 from course_lib.config import fast_or_full
-from course_lib.meft import METHOD_LABELS, build_method, meft_from_hf, reversible_and_plain_gradients
+from course_lib.meft import METHOD_LABELS, build_method, meft_from_hf, reversible_and_plain_gradients, with_num_layers
 from course_lib.meft import gradient_errors as compare_gradients
 from course_lib.meters import measure_activation_memory, measure_peak_process_memory
 
 NAME = "activation_memory"
+NO_PARITY = "meft_no_parity"
 METHODS = ("full_finetune", "lora", "adapter", "lora_checkpointing", "meft1", "meft2", "meft3")
 MEFTS = ("meft1", "meft2", "meft3")
 
@@ -72,10 +75,12 @@ def training_step(model: torch.nn.Module, batch: dict):
     return step
 
 
-def gradient_errors(pretrained: torch.nn.Module, variant: str, batch: dict, stream_dtype) -> dict[str, float]:
+def gradient_errors(
+    pretrained: torch.nn.Module, variant: str, batch: dict, stream_dtype, exact_inputs: bool = True
+) -> dict[str, float]:
     """Custom backward vs plain autograd on the same float32 model and dropout masks."""
     torch.manual_seed(0)
-    model = meft_from_hf(pretrained, variant, stream_dtype=stream_dtype).train()
+    model = meft_from_hf(pretrained, variant, stream_dtype=stream_dtype, exact_inputs=exact_inputs).train()
     return compare_gradients(*reversible_and_plain_gradients(model, batch, seed=1))
 
 
@@ -126,24 +131,43 @@ def main() -> None:
         if method not in MEFTS and method != "lora_checkpointing":
             del models[method]
     gc.collect()
-    steps = {method: training_step(models[method], batch) for method in (*MEFTS, "lora_checkpointing")}
+    torch.manual_seed(0)
+    models[NO_PARITY] = build_method(best, pretrained, exact_inputs=False)  # the same MEFT without parity bits
+    activation[NO_PARITY] = activation_mib(models[NO_PARITY], batch)
+    steps = {method: training_step(models[method], batch) for method in (*MEFTS, NO_PARITY, "lora_checkpointing")}
     medians = interleaved_median_seconds(steps, repeats=repeats, warmup=warmup)
-    ratios = {m: medians[m] / medians["lora_checkpointing"] for m in MEFTS}
+    ratios = {m: medians[m] / medians["lora_checkpointing"] for m in (*MEFTS, NO_PARITY)}
     print("step seconds:", {m: round(s, 3) for m, s in medians.items()}, flush=True)
     del models, steps
     gc.collect()
 
     errors = {
-        "float64_streams": {m: gradient_errors(pretrained, m, batch, torch.float64) for m in MEFTS},
+        "float64_streams_parity_bits": {m: gradient_errors(pretrained, m, batch, torch.float64) for m in MEFTS},
+        "float64_streams": {m: gradient_errors(pretrained, m, batch, torch.float64, exact_inputs=False) for m in MEFTS},
         "float32_streams": {m: gradient_errors(pretrained, m, batch, None) for m in MEFTS},
     }
     print("gradient errors:", errors, flush=True)
 
-    depth_mib: dict[str, dict[str, float]] = {best: {}, "lora_checkpointing": {}}
+    # where exactness ends: float64 rounding, amplified by 1/lambda and 1/beta at every layer,
+    # must stay below half a float32 step; a smaller batch, the layers repeated
+    small = make_batch(*fast_or_full((2, 16), (8, 64)))
+    depth_errors: dict[str, dict[str, float]] = {m: {} for m in MEFTS}
+    for depth in depths:
+        deep = with_num_layers(pretrained, depth)
+        for m in MEFTS:
+            depth_errors[m][str(depth)] = gradient_errors(deep, m, small, torch.float64)["max_rel_err"]
+        del deep
+        gc.collect()
+    print("gradient errors by depth (parity bits):", depth_errors, flush=True)
+
+    depth_mib: dict[str, dict[str, float]] = {best: {}, NO_PARITY: {}, "lora_checkpointing": {}}
     for depth in depths:
         for method in depth_mib:
             torch.manual_seed(0)
-            model = build_method(method, pretrained, num_layers=depth)
+            if method == NO_PARITY:
+                model = build_method(best, pretrained, num_layers=depth, exact_inputs=False)
+            else:
+                model = build_method(method, pretrained, num_layers=depth)
             depth_mib[method][str(depth)] = activation_mib(model, batch)
             del model
             gc.collect()
@@ -157,10 +181,13 @@ def main() -> None:
         "goal_step_time_ratio_vs_checkpointing": 1.0,
         "step_time_ratio_vs_checkpointing_by_variant": ratios,
         "step_seconds": medians,
-        # the issue's figure: float32 throughout (the official code's precision)
-        "grad_max_rel_err": errors["float32_streams"][best]["max_rel_err"],
+        # the course's default: float32 weights and layers, float64 streams, parity bits
+        "grad_max_rel_err": errors["float64_streams_parity_bits"][best]["max_rel_err"],
         "goal_grad_max_rel_err": 1e-4,
-        "grad_max_rel_err_float64_streams": errors["float64_streams"][best]["max_rel_err"],
+        "grad_max_rel_err_worst_variant": max(e["max_rel_err"] for e in errors["float64_streams_parity_bits"].values()),
+        "grad_max_rel_err_float64_streams_no_parity": errors["float64_streams"][best]["max_rel_err"],
+        "grad_max_rel_err_float32_streams": errors["float32_streams"][best]["max_rel_err"],
+        "grad_max_rel_err_by_depth": depth_errors,
         "step_time_ratio_vs_checkpointing_worst_variant": max(ratios.values()),
         "grad_errors": errors,
         "depth_activation_mib": depth_mib,
@@ -176,7 +203,10 @@ def main() -> None:
             "lora": "r 8, alpha 16, query+value, classifier trains",
             "adapter": "Pfeiffer, bottleneck 24, classifier trains",
             "lora_checkpointing": "the LoRA model + Hugging Face activation_checkpointing_enable() (non-reentrant, per layer)",
-            "meft": "course_lib.meft.meft_from_hf defaults: official lambda/beta, adapters C->8->C N(0, 0.02), float64 streams",
+            "meft": "course_lib.meft.meft_from_hf defaults: official lambda/beta, adapters C->8->C N(0, 0.02), float64 "
+            "streams, 1 parity bit per element of every F and G input (exact_inputs=True)",
+            "meft_no_parity": f"{best} with exact_inputs=False: float64 streams only",
+            "grad_err_by_depth": "float64 streams + parity bits, batch of the small check, layers repeated",
             "step": "zero_grad + forward + cross-entropy + backward + AdamW step",
             "timing": f"median of {repeats} interleaved steps after {warmup} warm-up (benchmarks.common.interleaved_median_seconds)",
             "grad_err": "max over trainable tensors of max|g - g_ref| / max|g_ref|; same dropout masks",

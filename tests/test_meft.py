@@ -8,6 +8,9 @@ Hugging Face BertLayer, never the code under test.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -18,8 +21,10 @@ from course_lib.meft import (
     build_method,
     gradient_errors,
     meft_from_hf,
+    pack_parity,
     reversible_and_plain_gradients,
     reversible_stack,
+    round_with_parity,
     run_couplings,
     with_num_layers,
 )
@@ -265,14 +270,73 @@ def test_meft_trainable_parameters_hybrid_and_memory(minilm_classifier, small_ba
         model.encoder.num_reversible_layers = 7
 
 
-def test_meft_memory_is_flat_in_depth(minilm_classifier, small_batch):
+@pytest.mark.parametrize("exact_inputs", [True, False])
+def test_meft_memory_is_flat_in_depth(minilm_classifier, small_batch, exact_inputs):
     sizes = {}
     for depth in (2, 4):
         torch.manual_seed(0)
-        model = build_method("meft2", minilm_classifier, num_layers=depth)
+        model = build_method("meft2", minilm_classifier, num_layers=depth, exact_inputs=exact_inputs)
         sizes[depth] = measure_activation_memory(lambda: model(**small_batch).loss, model, backward=False).activation_bytes
     rng_state_bytes = torch.get_rng_state().numel()  # saved twice per layer (before F and before G)
-    assert sizes[4] - sizes[2] == 2 * 2 * rng_state_bytes
+    B, T = small_batch["input_ids"].shape
+    parity_bytes = math.ceil(B * T * 384 / 8) if exact_inputs else 0  # 1 bit per element of each F and G input
+    assert sizes[4] - sizes[2] == 2 * 2 * (rng_state_bytes + parity_bytes)
+
+
+# ------------------------------------------------------------------------------- exact layer inputs
+
+
+def test_parity_bits_recover_the_rounded_value_across_a_midpoint():
+    torch.manual_seed(0)
+    exact = torch.randn(1001)  # float32 layer inputs (an odd count: the last byte is padded)
+    above = torch.nextafter(exact, torch.full_like(exact, float("inf")))
+    midpoint = (exact.double() + above.double()) / 2
+    stream = midpoint * (1 + 1e-12 * torch.sign(midpoint))  # just past the midpoint, on the neighbour's side
+    assert not torch.equal(stream.float(), exact)  # plain rounding lands on the neighbour...
+    packed = pack_parity(exact)
+    assert packed.dtype == torch.uint8 and packed.shape == (math.ceil(1001 / 8),)
+    assert torch.equal(round_with_parity(stream, packed), exact)  # ...the parity bit brings it back
+    nearby = exact.double() * (1 - 1e-10)  # close to a float32 value: rounding was right already
+    assert torch.equal(round_with_parity(nearby, packed), exact)
+    with pytest.raises(ValueError, match="pack_parity"):
+        round_with_parity(stream[:-9], packed)
+    with pytest.raises(TypeError, match="parity bits"):
+        pack_parity(exact.double())
+
+
+def float64_streams_stack(depth=8, dim=64, lambda_=0.1, beta=0.1, seed=0):
+    """float32 layers on float64 streams, the course's MEFT default, with MEFT3's scales."""
+    torch.manual_seed(seed)
+    couplings = nn.ModuleList(
+        ReversibleCoupling(TinyPart(dim), TinyPart(dim), lambda_, beta, swap_outputs=i % 2 == 0, compute_dtype=torch.float32)
+        for i in range(depth)
+    )
+    return couplings.float()
+
+
+def test_exact_inputs_make_the_custom_backward_match_autograd():
+    couplings = float64_streams_stack(depth=8, dim=64)
+    x1, x2 = (torch.randn(32, 32, 64).double() for _ in range(2))  # float32 values on float64 streams, as in MEFT
+    plain, _ = grads_of(couplings, x1, x2, reversible=False)
+    errors = {}
+    for exact in (False, True):
+        run = functools.partial(reversible_stack, exact_inputs=exact)
+        for p in couplings.parameters():
+            p.grad = None
+        out1, out2 = run(couplings, x1, x2)
+        weights = torch.linspace(-1, 1, out1.numel(), dtype=out1.dtype).view_as(out1)
+        ((out1 * weights).sum() + (out2**2).sum()).backward()
+        errors[exact] = max(max_rel(p.grad, g) for p, g in zip(couplings.parameters(), plain))
+    assert errors[False] > 1e-4  # rounding flips in the recomputed inputs, amplified by 1/lambda per division
+    # the forward's inputs exactly: what is left is the order of float sums in the backward
+    assert errors[True] < 1e-6
+
+
+def test_meft_on_minilm_with_exact_inputs_matches_autograd_bit_for_bit(minilm_classifier, small_batch):
+    torch.manual_seed(0)
+    model = meft_from_hf(minilm_classifier, "meft3").train()  # float32 layers, float64 streams, dropout on
+    reversible_grads, plain_grads = reversible_and_plain_gradients(model, small_batch, seed=3)
+    assert all(torch.equal(reversible_grads[name], plain_grads[name]) for name in plain_grads)
 
 
 def test_meft_errors(minilm_classifier):

@@ -43,8 +43,8 @@ def test_fitted_costs_predict_sizes_they_did_not_see(pretrained, costs):
         model = build_method(method, pretrained, num_layers=3)
         measured = measure_saved_bytes(model, batch_size=3, seq_len=10)  # off the grid in B, T and L
         assert costs[method].predict_bytes(3, 10, 3) == pytest.approx(measured, rel=1e-6), method
-    # MEFT is flat in depth (up to its random states, 5 kB a layer, no batch dimension)
-    assert costs["meft1"].per_token_per_layer_bytes(128) == pytest.approx(0.0, abs=1e-3)
+    # MEFT per token and layer: only the parity bits of its F and G inputs, 2 x C bits (notebook 31)
+    assert costs["meft1"].per_token_per_layer_bytes(128) == pytest.approx(2 * 384 / 8, rel=1e-6)
     assert costs["lora_checkpointing"].per_token_per_layer_bytes(128) == pytest.approx(384 * 4, rel=1e-6)  # the layer input
 
 
@@ -54,9 +54,10 @@ def test_memory_curves_and_figure(costs):
     assert list(xs) == list(X_AXES["num_layers"][1])
     assert mib[3] == pytest.approx(costs["lora"].predict_bytes(4, 32, int(xs[3])) / MIB)
     assert (mib[1:] > mib[:-1]).all()  # LoRA grows with depth
-    meft_xs, meft_mib = curves["meft1"]  # MEFT only by its two saved random states per layer (no batch dimension)
+    meft_xs, meft_mib = curves["meft1"]  # MEFT per layer: two random states and two parity-bit arrays
     rng_state_bytes = torch.get_rng_state().numel()
-    assert (meft_mib[-1] - meft_mib[0]) * MIB == pytest.approx(2 * rng_state_bytes * (meft_xs[-1] - meft_xs[0]), rel=1e-3)
+    per_layer = 2 * rng_state_bytes + 2 * 4 * 32 * 384 // 8  # B = 4, T = 32, C = 384: 1 bit per element
+    assert (meft_mib[-1] - meft_mib[0]) * MIB == pytest.approx(per_layer * (meft_xs[-1] - meft_xs[0]), rel=1e-3)
     figure = memory_curves_figure(costs, ["meft1"], "seq_len")
     assert len(figure.axes) == 1 and "B = 32, L = 6" in figure.axes[0].get_title()
     with pytest.raises(ValueError, match="x_axis"):

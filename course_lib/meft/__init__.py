@@ -4,6 +4,8 @@
 - `reversible`    reversible_stack: a custom autograd Function that keeps only the stack's output
                   and rebuilds each layer's input in backward (dropout replayed); run_couplings:
                   the same through plain autograd
+- `rounding`      pack_parity, round_with_parity: one bit per element that makes the rebuilt
+                  float32 layer inputs exact (float64 streams)
 - `model`         meft_from_hf(model, "meft1" | "meft2" | "meft3"): MEFT on any Hugging Face BERT
 - `methods`       build_method(name, pretrained): full FT, LoRA, adapter, LoRA + checkpointing, MEFT
 - `memory_costs`  fit_activation_costs: saved bytes as a formula in batch, length and depth
@@ -27,6 +29,7 @@ from course_lib.meft.model import (
     meft_from_hf,
 )
 from course_lib.meft.reversible import ReversibleStackFunction, reversible_stack, run_couplings
+from course_lib.meft.rounding import pack_parity, round_with_parity
 
 __all__ = [
     "ReversibleCoupling",
@@ -35,6 +38,8 @@ __all__ = [
     "ReversibleStackFunction",
     "reversible_stack",
     "run_couplings",
+    "pack_parity",
+    "round_with_parity",
     "MEFTVariant",
     "MEFT_VARIANTS",
     "BlockWithAdapter",

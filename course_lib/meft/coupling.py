@@ -25,9 +25,10 @@ with float64 inputs): F and G still run in float32 on a float32 copy of their in
 sums and differences of the coupling are done and stored in float64. The stream arithmetic is
 then exact to float64 rounding, but F(x2) recomputed in backward equals the forward's value only
 when the reconstructed x2 rounds to the same float32 input; when it lands one float32 step away,
-F's output moves by that much and the divisions amplify it again. The gradient error shrinks
-(about 9x for MEFT1 on MiniLM) but does not vanish; only float64 layers make it ~1e-9
-(benchmarks/activation_memory.py records the figures).
+F's output moves by that much and the divisions amplify it again. The full cure keeps one parity
+bit per element of the float32 input (`course_lib.meft.rounding`): with it, `run_F`/`run_G`
+take the forward's exact input (`exact_input=`), and the custom backward of
+`course_lib.meft.reversible` reproduces plain autograd's gradients.
 
 MEFT1 and MEFT2 hand the two outputs to the next layer in swapped order, (y2, y1); MEFT3 keeps
 (y1, y2). `swap_outputs=True` makes `forward` return (y2, y1), and `inverse` takes the outputs
@@ -79,28 +80,58 @@ class ReversibleCoupling(nn.Module):
             raise TypeError(f"compute_dtype must be a torch.dtype or None, got {compute_dtype!r}")
         self.compute_dtype = compute_dtype
 
-    def _run(self, part: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def layer_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x cast to `compute_dtype` (what F or G computes on), or None when no cast happens."""
+        if self.compute_dtype is None or x.dtype == self.compute_dtype:
+            return None
+        return x.detach().to(self.compute_dtype)
+
+    def _run(
+        self,
+        part: nn.Module,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        exact_input: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.compute_dtype is None or x.dtype == self.compute_dtype:
             return part(x, attention_mask)
-        return part(x.to(self.compute_dtype), attention_mask).to(x.dtype)  # layer in compute dtype, stream kept
+        if exact_input is None:
+            layer_input = x.to(self.compute_dtype)  # the stream rounded to the layer's dtype
+        elif torch.is_grad_enabled() and x.requires_grad:
+            # the given value (the forward's exact input, course_lib.meft.rounding); the gradient
+            # flows back to x as through the cast
+            layer_input = _CastWithValue.apply(x, exact_input)
+        else:
+            layer_input = exact_input  # no gradient to route: the given value as it is
+        return part(layer_input, attention_mask).to(x.dtype)  # layer in compute dtype, stream kept
 
-    def run_F(self, x2: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """F(x2), in `compute_dtype` if set, returned in x2's dtype."""
-        return self._run(self.F, x2, attention_mask)
+    def run_F(
+        self, x2: torch.Tensor, attention_mask: torch.Tensor | None = None, exact_input: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """F(x2), in `compute_dtype` if set (on `exact_input` if given), returned in x2's dtype."""
+        return self._run(self.F, x2, attention_mask, exact_input)
 
-    def run_G(self, y1: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """G(y1), in `compute_dtype` if set, returned in y1's dtype."""
-        return self._run(self.G, y1, attention_mask)
+    def run_G(
+        self, y1: torch.Tensor, attention_mask: torch.Tensor | None = None, exact_input: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """G(y1), in `compute_dtype` if set (on `exact_input` if given), returned in y1's dtype."""
+        return self._run(self.G, y1, attention_mask, exact_input)
 
     # the two half-steps, also used by the custom backward -------------------------------------
 
-    def first_half(self, x1: torch.Tensor, x2: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def first_half(
+        self, x1: torch.Tensor, x2: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        exact_input: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """y1 = lambda x1 + F(x2)."""
-        return self.lambda_ * x1 + self.run_F(x2, attention_mask)
+        return self.lambda_ * x1 + self.run_F(x2, attention_mask, exact_input)
 
-    def second_half(self, x2: torch.Tensor, y1: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def second_half(
+        self, x2: torch.Tensor, y1: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        exact_input: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """y2 = beta x2 + G(y1)."""
-        return self.beta * x2 + self.run_G(y1, attention_mask)
+        return self.beta * x2 + self.run_G(y1, attention_mask, exact_input)
 
     def forward(
         self, x1: torch.Tensor, x2: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -129,6 +160,19 @@ class ReversibleCoupling(nn.Module):
     def extra_repr(self) -> str:
         extra = f", compute_dtype={self.compute_dtype}" if self.compute_dtype is not None else ""
         return f"lambda_={self.lambda_:g}, beta={self.beta:g}, swap_outputs={self.swap_outputs}{extra}"
+
+
+class _CastWithValue(torch.autograd.Function):
+    """forward(x, value) -> value (x rounded elsewhere, exactly); backward: the cast's, grad in x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, value):  # type: ignore[override]
+        ctx.dtype = x.dtype
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad.to(ctx.dtype), None
 
 
 def _check_streams(x1: torch.Tensor, x2: torch.Tensor, who: str) -> None:

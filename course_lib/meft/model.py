@@ -20,16 +20,18 @@ their inputs and the pre-trained computation is lost (measured in
 notebooks/part4_meft/32_meft.ipynb).
 
 Precision: by default the two streams are kept in float64 around float32 layers
-(`stream_dtype`). That makes the stream arithmetic exact to float64 rounding, but not the
-recomputation: F and G run in float32, so a reconstructed input that differs from the forward
-one in its last float32 bit gives a slightly different F(x2), and every division by 0.1 in the
-inverse multiplies such errors by ten. On MiniLM (six layers, batch 32 x 128) the largest
-relative parameter-gradient error against plain autograd was 0.009 (MEFT1), 0.09 (MEFT2) and
-4 (MEFT3, two divisions per layer) with float64 streams, and 0.08, 0.3 and more with float32
-streams (the official code): benchmarks/activation_memory.py records them,
-notebooks/part4_meft/31_reversible_layers.ipynb shows the growth with depth. Gradients are exact
-(to 1e-9) only when the layers run in float64 too (`model.double()`). The streams cost 2
-(B, T, C) tensors of 8 bytes instead of 4.
+(`stream_dtype`), and every F and G input keeps one parity bit per element (`exact_inputs`,
+`course_lib.meft.rounding`). The float64 streams make the stream arithmetic exact to float64
+rounding; the parity bits make the recomputed float32 layer inputs equal the forward's, so F and
+G recompute exactly what they computed, and the parameter gradients equal plain autograd's. On
+MiniLM (six layers, batch 32 x 128) the largest relative gradient error against plain autograd
+is then 0 for MEFT1/2/3; without the bits it was about 0.009 (MEFT1), 0.09 (MEFT2) and 4 (MEFT3,
+two divisions per layer), and with float32 streams (the official code) 0.08, 0.3 and more
+(benchmarks/activation_memory.py records them, notebooks/part4_meft/31_reversible_layers.ipynb
+derives the fix). Exactness needs the float64 reconstruction error, multiplied by 1/lambda and
+1/beta at every layer, to stay below half a float32 step: measured, that holds for MEFT1 up to
+12 layers and for MEFT3 (two divisions per layer) up to 6, not beyond. The streams cost 2
+(B, T, C) tensors of 8 bytes instead of 4; the bits 2 bits per element per layer.
 
 Everything of the pre-trained model is frozen (copied, the original is left alone); adapters
 and the task head train. `reversible=False` runs the same model through plain autograd (for
@@ -167,7 +169,8 @@ class MEFTEncoder(nn.Module):
 
     `reversible` (attribute, default True): the lower `num_reversible_layers` couplings run
     through `reversible_stack` (activations not kept); the rest, and all of them when
-    `reversible=False`, through plain autograd.
+    `reversible=False`, through plain autograd. `exact_inputs` (attribute, default True): keep
+    the parity bits that make the recomputed layer inputs exact (`reversible_stack`).
 
     Derived in notebooks/part4_meft/32_meft.ipynb.
     """
@@ -179,9 +182,11 @@ class MEFTEncoder(nn.Module):
         num_reversible_layers: int | None = None,
         reversible: bool = True,
         stream_dtype: torch.dtype | None = None,
+        exact_inputs: bool = True,
     ) -> None:
         super().__init__()
         self.stream_dtype = stream_dtype
+        self.exact_inputs = exact_inputs
         if len(couplings) == 0:
             raise ValueError("MEFTEncoder needs at least one coupling")
         self.embeddings = embeddings
@@ -220,7 +225,7 @@ class MEFTEncoder(nn.Module):
         x1, x2 = h, h  # both streams start as the embedding output
         n = self.num_reversible_layers if self.reversible else 0
         if n > 0:
-            x1, x2 = reversible_stack(self.couplings[:n], x1, x2, mask)
+            x1, x2 = reversible_stack(self.couplings[:n], x1, x2, mask, exact_inputs=self.exact_inputs)
         if n < len(self.couplings):
             x1, x2 = run_couplings(self.couplings[n:], x1, x2, mask)
         return x1, x2
@@ -284,6 +289,7 @@ def meft_from_hf(
     reversible: bool = True,
     train_layer_norms: bool = False,
     stream_dtype: torch.dtype | None = torch.float64,
+    exact_inputs: bool = True,
 ) -> MEFTEncoder | MEFTForSequenceClassification:
     """MEFT built from a Hugging Face BERT-family model; the model passed in is left unchanged.
 
@@ -292,7 +298,9 @@ def meft_from_hf(
     `variant`: "meft1", "meft2", "meft3" or a `MEFTVariant`; `lambda_` / `beta` override its
     scales (e.g. 1 and 1 for a RevNet-style coupling that breaks the starting point).
     `stream_dtype`: dtype of the two streams (default float64, the layers stay in the model's
-    dtype; None: the model's dtype, as the official code). Adapters use torch's global RNG:
+    dtype; None: the model's dtype, as the official code). `exact_inputs` (with float64
+    streams): keep 1 parity bit per element of every layer input so that the backward recomputes
+    exactly the forward's layers (`course_lib.meft.rounding`). Adapters use torch's global RNG:
     call `course_lib.train.set_seed` first.
     Frozen: everything pre-trained (embeddings, layers, pooler); trainable: adapters, the
     classifier, and the blocks' LayerNorms if `train_layer_norms`.
@@ -335,7 +343,9 @@ def meft_from_hf(
             )
         )
     couplings.to(device=reference.device, dtype=reference.dtype)
-    encoder = MEFTEncoder(copy.deepcopy(embeddings), couplings, num_reversible_layers, reversible, stream_dtype)
+    encoder = MEFTEncoder(
+        copy.deepcopy(embeddings), couplings, num_reversible_layers, reversible, stream_dtype, exact_inputs
+    )
     result: MEFTEncoder | MEFTForSequenceClassification = encoder
     classifier = getattr(model, "classifier", None)
     if model is not base and isinstance(classifier, nn.Linear):

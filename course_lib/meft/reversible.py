@@ -26,7 +26,9 @@ Choices that keep it cheap and correct:
 - dropout: the random state is saved before every F and G call in forward and restored before
   the recomputation, so the recomputed masks are the forward's masks; the global state is put
   back afterwards (`torch.random.fork_rng`);
-- at the bottom of the stack, dL/dx2 through F is skipped when the stack's input needs none.
+- at the bottom of the stack, dL/dx2 through F is skipped when the stack's input needs none;
+- with float64 streams around float32 layers, one parity bit per element of each F and G input
+  lets the backward rebuild those inputs exactly (`course_lib.meft.rounding`).
 
 Derived in notebooks/part4_meft/31_reversible_layers.ipynb.
 """
@@ -40,6 +42,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from course_lib.meft.coupling import ReversibleCoupling, _check_streams
+from course_lib.meft.rounding import pack_parity, round_with_parity
 
 __all__ = ["ReversibleStackFunction", "reversible_stack", "run_couplings"]
 
@@ -69,26 +72,40 @@ class ReversibleStackFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x1, x2, attention_mask, couplings, *params):  # type: ignore[override]
+    def forward(ctx, x1, x2, attention_mask, couplings, exact_inputs, *params):  # type: ignore[override]
         # runs without a graph (autograd.Function.forward is under no_grad)
         replay_dropout = any(coupling.training for coupling in couplings)
-        states = []
+        states, bits, bit_slots = [], [], []  # bit_slots[i] = (F's, G's) index into bits, -1: none
+
+        def parity_of(layer_input: torch.Tensor | None) -> int:
+            if not exact_inputs or layer_input is None:
+                return -1
+            bits.append(pack_parity(layer_input))  # 1 bit per element (course_lib.meft.rounding)
+            return len(bits) - 1
+
         for coupling in couplings:
             if replay_dropout:
                 states.append(_rng_state(x1.device))  # before F: dropout inside F
-            y1 = coupling.first_half(x1, x2, attention_mask)
+            f_input = coupling.layer_input(x2)
+            f_slot = parity_of(f_input)
+            y1 = coupling.first_half(x1, x2, attention_mask, f_input)
             if replay_dropout:
                 states.append(_rng_state(x1.device))  # before G
-            y2 = coupling.second_half(x2, y1, attention_mask)
+            g_input = coupling.layer_input(y1)
+            bit_slots.append((f_slot, parity_of(g_input)))
+            y2 = coupling.second_half(x2, y1, attention_mask, g_input)
             x1, x2 = (y2, y1) if coupling.swap_outputs else (y1, y2)
         ctx.couplings = couplings
         ctx.has_mask = attention_mask is not None
         ctx.replay_dropout = replay_dropout
+        ctx.num_states = len(states)
+        ctx.bit_slots = bit_slots
         ctx.index = {id(p): i for i, p in enumerate(params)}  # parameter -> position among the inputs
         ctx.num_params = len(params)
         masks = [attention_mask] if attention_mask is not None else []
-        # the only tensors kept for backward: the two output streams (+ the mask and RNG states)
-        ctx.save_for_backward(x1, x2, *masks, *states)
+        # the only tensors kept for backward: the two output streams (+ the mask, RNG states and
+        # with exact_inputs the parity bits of every F and G input)
+        ctx.save_for_backward(x1, x2, *masks, *states, *bits)
         return x1, x2
 
     @staticmethod
@@ -97,7 +114,8 @@ class ReversibleStackFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         out1, out2 = saved[0], saved[1]
         attention_mask = saved[2] if ctx.has_mask else None
-        states = saved[3:] if ctx.has_mask else saved[2:]
+        rest = saved[3:] if ctx.has_mask else saved[2:]
+        states, bits = rest[: ctx.num_states], rest[ctx.num_states :]
         device = out1.device
         need_input_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         param_grads: list[torch.Tensor | None] = [None] * ctx.num_params
@@ -124,9 +142,11 @@ class ReversibleStackFunction(torch.autograd.Function):
                 # 1-3: G with a graph; x2 from it; dy2 through G
                 if ctx.replay_dropout:
                     _set_rng_state(states[2 * i + 1], device)
+                f_slot, g_slot = ctx.bit_slots[i]
+                g_input = _exact_input(coupling, y1, bits, g_slot)
                 with torch.enable_grad():
                     y1_leaf = y1.detach().requires_grad_(True)
-                    g = coupling.run_G(y1_leaf, attention_mask)  # (B, T, C)
+                    g = coupling.run_G(y1_leaf, attention_mask, g_input)  # (B, T, C)
                 grads = torch.autograd.grad(g, [y1_leaf, *g_params], dy2, allow_unused=True)
                 accumulate(g_params, grads[1:])
                 dy1 = dy1 + grads[0] if grads[0] is not None else dy1  # dL/dy1 = dy1 + G'(y1)^T dy2
@@ -137,9 +157,10 @@ class ReversibleStackFunction(torch.autograd.Function):
                 need_x2_grad = i > 0 or need_input_grad
                 if ctx.replay_dropout:
                     _set_rng_state(states[2 * i], device)
+                f_input = _exact_input(coupling, x2, bits, f_slot)
                 with torch.enable_grad():
                     x2_leaf = x2.detach().requires_grad_(need_x2_grad)
-                    f = coupling.run_F(x2_leaf, attention_mask)  # (B, T, C)
+                    f = coupling.run_F(x2_leaf, attention_mask, f_input)  # (B, T, C)
                 inputs = ([x2_leaf] if need_x2_grad else []) + f_params
                 grads = torch.autograd.grad(f, inputs, dy1, allow_unused=True) if inputs and f.requires_grad else [None] * len(inputs)
                 accumulate(f_params, grads[1:] if need_x2_grad else grads)
@@ -156,8 +177,16 @@ class ReversibleStackFunction(torch.autograd.Function):
             d2 if ctx.needs_input_grad[1] else None,
             None,
             None,
+            None,
             *param_grads,
         )
+
+
+def _exact_input(coupling: ReversibleCoupling, stream: torch.Tensor, bits: Sequence[torch.Tensor], slot: int):
+    """The forward's layer input, rebuilt from the reconstructed stream and its parity bits."""
+    if slot < 0:
+        return None
+    return round_with_parity(stream.detach(), bits[slot], coupling.compute_dtype)
 
 
 def reversible_stack(
@@ -165,6 +194,8 @@ def reversible_stack(
     x1: torch.Tensor,
     x2: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    *,
+    exact_inputs: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `couplings` in turn on (x1, x2), keeping only the two outputs for backward.
 
@@ -172,6 +203,13 @@ def reversible_stack(
     the inverse. Works whether or not x1/x2 require grad: the trainable parameters of the
     couplings are passed to the Function, so backward runs if any of them trains. With no
     gradient needed at all (torch.no_grad, or nothing trainable) it simply runs the layers.
+
+    `exact_inputs` (default True) matters when the couplings cast the streams to a
+    `compute_dtype` (float64 streams around float32 layers): the forward keeps one parity bit per
+    element of every F and G input, and the backward uses them to rebuild those inputs exactly
+    (`course_lib.meft.rounding`), so that the recomputed F and G equal the forward's and the
+    gradients equal plain autograd's as long as the streams' reconstruction error stays below half
+    a float32 step. Cost: 2 bits per element per coupling. Without a cast it stores nothing.
 
     Derived in notebooks/part4_meft/31_reversible_layers.ipynb.
     """
@@ -192,7 +230,7 @@ def reversible_stack(
     needs_grad = torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad or bool(params))
     if not needs_grad:
         return run_couplings(couplings, x1, x2, attention_mask)
-    return ReversibleStackFunction.apply(x1, x2, attention_mask, couplings, *params)
+    return ReversibleStackFunction.apply(x1, x2, attention_mask, couplings, bool(exact_inputs), *params)
 
 
 def run_couplings(
