@@ -48,12 +48,15 @@ def pack_parity(x: torch.Tensor) -> torch.Tensor:
 
     Derived in notebooks/part4_meft/31_reversible_layers.ipynb.
     """
-    bits = (_int_view(x).reshape(-1) & 1).to(torch.uint8)  # (N,)
+    bits = _int_view(x).reshape(-1).to(torch.uint8) & 1  # (N,): the low byte, then its lowest bit
     padding = (-bits.numel()) % 8
     if padding:
         bits = torch.cat([bits, bits.new_zeros(padding)])
-    weights = _BIT_WEIGHTS.to(bits.device)
-    return (bits.view(-1, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)  # (N/8,)
+    bits = bits.view(-1, 8)  # (N/8, 8)
+    packed = bits[:, 0].clone()
+    for k in range(1, 8):  # byte = b0 | b1 << 1 | ... | b7 << 7
+        packed |= bits[:, k] << k
+    return packed  # (N/8,)
 
 
 def _unpack_parity(packed: torch.Tensor, numel: int) -> torch.Tensor:
@@ -75,10 +78,10 @@ def round_with_parity(stream: torch.Tensor, packed: torch.Tensor, dtype: torch.d
             f"{packed.dtype} of shape {tuple(packed.shape)}"
         )
     rounded = stream.to(dtype)  # nearest: the exact value or its neighbour
+    if torch.equal(pack_parity(rounded), packed):  # the common case: every element rounded right
+        return rounded
     expected = _unpack_parity(packed, stream.numel()).view(stream.shape)
     matches = ((_int_view(rounded) & 1) != 0) == expected
-    if bool(matches.all()):
-        return rounded
     # the neighbour on the side of the stream value: nextafter(c, +-inf)
     above = rounded.to(stream.dtype) > stream
     direction = torch.where(above, torch.full_like(rounded, float("-inf")), torch.full_like(rounded, float("inf")))
