@@ -59,12 +59,6 @@ def pack_parity(x: torch.Tensor) -> torch.Tensor:
     return packed  # (N/8,)
 
 
-def _unpack_parity(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    weights = _BIT_WEIGHTS.to(packed.device)
-    bits = (packed.view(-1, 1) & weights) != 0  # (N/8, 8) bool
-    return bits.reshape(-1)[:numel]
-
-
 def round_with_parity(stream: torch.Tensor, packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Round an approximate `stream` (float64) to `dtype`, choosing the value whose parity bit
     matches `packed` (from `pack_parity` of the exact value): the forward's input exactly when the
@@ -78,12 +72,17 @@ def round_with_parity(stream: torch.Tensor, packed: torch.Tensor, dtype: torch.d
             f"{packed.dtype} of shape {tuple(packed.shape)}"
         )
     rounded = stream.to(dtype)  # nearest: the exact value or its neighbour
-    if torch.equal(pack_parity(rounded), packed):  # the common case: every element rounded right
+    wrong_bytes = (pack_parity(rounded) ^ packed).nonzero().squeeze(1)  # bytes with a wrong parity bit
+    if wrong_bytes.numel() == 0:  # the common case: every element rounded right
         return rounded
-    expected = _unpack_parity(packed, stream.numel()).view(stream.shape)
-    matches = ((_int_view(rounded) & 1) != 0) == expected
-    # the neighbour on the side of the stream value: nextafter(c, +-inf)
-    above = rounded.to(stream.dtype) > stream
-    direction = torch.where(above, torch.full_like(rounded, float("-inf")), torch.full_like(rounded, float("inf")))
-    neighbour = torch.nextafter(rounded, direction)
-    return torch.where(matches, rounded, neighbour)
+    # the few elements in those bytes whose parity disagrees: move them one step towards the stream
+    weights = _BIT_WEIGHTS.to(packed.device)
+    flips = ((pack_parity(rounded)[wrong_bytes] ^ packed[wrong_bytes]).view(-1, 1) & weights) != 0  # (W, 8)
+    index = (wrong_bytes.view(-1, 1) * 8 + torch.arange(8, device=packed.device)).masked_select(flips)  # (M,)
+    flat_rounded, flat_stream = rounded.reshape(-1), stream.reshape(-1)
+    wrong = flat_rounded[index]
+    above = wrong.to(stream.dtype) > flat_stream[index]
+    towards = torch.where(above, torch.full_like(wrong, float("-inf")), torch.full_like(wrong, float("inf")))
+    fixed = flat_rounded.clone()
+    fixed[index] = torch.nextafter(wrong, towards)  # the neighbour on the side of the stream value
+    return fixed.view_as(rounded)
