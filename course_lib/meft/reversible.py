@@ -65,7 +65,8 @@ def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
 
 
 class ReversibleStackFunction(torch.autograd.Function):
-    """forward(x1, x2, mask, couplings, *trainable_params) -> (out1, out2); saves only the outputs.
+    """forward(x1, x2, mask, couplings, exact_inputs, *trainable_params) -> (out1, out2); saves only
+    the outputs (and, with exact_inputs, the parity bits of every layer input).
 
     Use `reversible_stack`, which collects the parameters. Derived in
     notebooks/part4_meft/31_reversible_layers.ipynb.
