@@ -72,12 +72,13 @@ def round_with_parity(stream: torch.Tensor, packed: torch.Tensor, dtype: torch.d
             f"{packed.dtype} of shape {tuple(packed.shape)}"
         )
     rounded = stream.to(dtype)  # nearest: the exact value or its neighbour
-    wrong_bytes = (pack_parity(rounded) ^ packed).nonzero().squeeze(1)  # bytes with a wrong parity bit
+    disagree = pack_parity(rounded) ^ packed  # a set bit: that element's parity is wrong  (N/8,)
+    wrong_bytes = disagree.nonzero().squeeze(1)  # (W,)
     if wrong_bytes.numel() == 0:  # the common case: every element rounded right
         return rounded
     # the few elements in those bytes whose parity disagrees: move them one step towards the stream
     weights = _BIT_WEIGHTS.to(packed.device)
-    flips = ((pack_parity(rounded)[wrong_bytes] ^ packed[wrong_bytes]).view(-1, 1) & weights) != 0  # (W, 8)
+    flips = (disagree[wrong_bytes].view(-1, 1) & weights) != 0  # (W, 8)
     index = (wrong_bytes.view(-1, 1) * 8 + torch.arange(8, device=packed.device)).masked_select(flips)  # (M,)
     flat_rounded, flat_stream = rounded.reshape(-1), stream.reshape(-1)
     wrong = flat_rounded[index]
