@@ -79,6 +79,8 @@ def test_bank_query_in_training_uses_the_shapes_own_rows(model_config, bank_set)
     with pytest.raises(AssertionError, match="query encoder ran"):
         model(points)  # test shapes are not in the bank: their query is computed
     assert tiny_point_peft_config().bank_query_in_training
+    # the tiny recipe's adapters start as the identity
+    assert tiny_point_peft_config().zero_init and tiny_point_peft_config().anchor_scale == 0.0
 
 
 def test_run_setting_end_to_end_and_summary():

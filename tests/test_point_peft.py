@@ -6,6 +6,7 @@ A tiny randomly initialised Point-MAE keeps every test under a second or two.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -316,6 +317,53 @@ def test_frozen_wiring_reproduces_the_backbone(setup):
     model, _ = point_peft(encoder, peft)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(data.points[:3]), expected)
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_zero_init_without_the_anchor_term_starts_at_the_pretrained_encoder(setup, train_mode):
+    """zero_init + anchor_scale 0, official MLP and propagation scales: the adapters start as the
+    identity, in eval and in train mode (BatchNorm with scale 0 gives 0 whatever its statistics)."""
+    encoder, data, _ = setup
+    encoder.train(train_mode)
+    with torch.no_grad():
+        expected, _ = encoder.forward_features(data.points[:4])  # (B, 1+G, C)
+    peft = PointPEFTConfig.ablation("adapter_only", anchor_neighbours=8, zero_init=True, anchor_scale=0.0)
+    model, _ = point_peft(encoder, peft)
+    model.train(train_mode)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(data.points[:4]), expected)
+    # the official anchor term 0.3 x_a alone already moves the start
+    moved, _ = point_peft(encoder, dataclasses.replace(peft, anchor_scale=0.3))
+    with torch.no_grad():
+        assert not torch.allclose(moved.train(train_mode).forward_features(data.points[:4]), expected, atol=1e-4)
+    # and every part still learns: the zeroed BatchNorm scale and up-projections get a gradient
+    model.train()
+    model(data.points[:4]).logsumexp(-1).sum().backward()
+    for name, p in model.named_parameters():
+        if name.startswith("adapters.") and (name.endswith("pool_norm.weight") or ".up." in name):
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+
+
+def test_prompts_outside_the_groups_leave_the_patch_tokens_as_without_prompts(setup):
+    """group_prompts=False: the local geometry sees the patch tokens only, so the adapter's patch
+    outputs do not depend on the prompts, and the model has no prompt coordinates."""
+    encoder, data, bank = setup
+    model, _ = point_peft(encoder, dataclasses.replace(PEFT, group_prompts=False), bank)
+    assert model.prompt_coordinates is None
+    assert not any("prompt_coordinates" in name for name, _ in model.named_parameters())
+    adapter, attention = model.adapters[0].eval(), model.local_attention
+    torch.manual_seed(5)
+    P, G = model.num_prompts, TINY.num_groups
+    x = torch.randn(2, 1 + P + G, TINY.dim)
+    centres = torch.randn(2, G, 3)
+    grouping = group_tokens(centres, model.num_anchors, 8)
+    with torch.no_grad():
+        with_prompts = adapter(x, grouping, attention, P, prompts_grouped=False)
+        without = adapter(remove_prompts(x, P), grouping, attention, 0)
+    torch.testing.assert_close(remove_prompts(with_prompts, P), without)
+    model.train()
+    model(data.points[:4], indices=torch.arange(4)).logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_training_needs_indices_and_excludes_the_shape_itself(setup):

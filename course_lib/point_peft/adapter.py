@@ -24,12 +24,15 @@ Official code vs paper (the official code's choice is the default, the other is 
 - The local attention scales scores by 1/sqrt(heads * head_dim) = 1/sqrt(18), not the usual
   1/sqrt(head_dim) (`scale=head_dim ** -0.5` gives the usual one).
 - The bottlenecks use QuickGELU (x * sigmoid(1.702 x)), Xavier-uniform weights and biases
-  ~ N(0, 1e-6): they do *not* start at zero, so the wrapped model does not start exactly where
-  the pretrained one is (`zero_init=True` zeroes the up-projections instead). Even then the
-  local-geometry term 0.3 * sum_a w_ta (GELU(BN(max)) + 0.3 x_a) is not zero at the start: for
-  an exact start set `anchor_scale = propagation_scale = 0` as well (notebook 15 measures it).
+  ~ N(0, 1e-6): they do *not* start at zero, and neither does the local-geometry term
+  0.3 * sum_a w_ta (GELU(BN(max)) + 0.3 x_a), so the wrapped model does not start where the
+  pretrained one is. `zero_init=True` zeroes the up-projections and the BatchNorm's scale (so
+  GELU(BN(.)) starts at GELU(0) = 0, and the BatchNorm still learns: GELU'(0) = 1/2); with
+  `anchor_scale=0` as well, every adapter starts as the identity (notebook 15 measures the start,
+  notebook 16 what it is worth on a short budget).
 - Only the patch tokens receive the propagated vectors; prompt tokens join the groups (through
   their coordinates) but are changed only by the final bottleneck, as in the official code.
+  `prompts_grouped=False` (`PointPEFTConfig.group_prompts=False`) groups the patch tokens alone.
 - The official code groups the prompt coordinates by re-running its point tokenizer on
   [prompt coordinates, points], so its group indices do not line up exactly with the tokens;
   here the grouping runs on the token centres themselves, [prompt coordinates, patch centres].
@@ -213,23 +216,32 @@ class GeometryAwareAdapter(nn.Module):
         self.pool_norm = nn.BatchNorm1d(dim)  # BN + GELU after the max-pool (official "out_transform")
         self.pool_activation = nn.GELU()
         self.final_adapter = BottleneckAdapter(dim, bottleneck, dropout=dropout, residual=True, zero_init=zero_init)
+        if zero_init:
+            nn.init.zeros_(self.pool_norm.weight)  # GELU(BN(.)) starts at GELU(0) = 0 (BN's gamma = 0)
 
     def mlp_delta(self, mlp_output: Tensor) -> Tensor:
         """0.7 * Adapter(m) for the MLP branch output m (B, T, C): x <- x + m + this."""
         return self.mlp_scale * self.mlp_adapter(mlp_output)
 
     def forward(
-        self, x: Tensor, grouping: TokenGrouping, local_attention: LocalGroupAttention, num_prompts: int = 0
+        self,
+        x: Tensor,
+        grouping: TokenGrouping,
+        local_attention: LocalGroupAttention,
+        num_prompts: int = 0,
+        prompts_grouped: bool = True,
     ) -> Tensor:
-        """x (B, 1+P+G, C) -> (B, 1+P+G, C); `grouping` groups the P+G tokens after CLS."""
+        """x (B, 1+P+G, C) -> (B, 1+P+G, C); `grouping` groups the P+G tokens after CLS, or only the
+        G patch tokens when `prompts_grouped` is False (the prompts then skip the local geometry)."""
         B, T, C = x.shape
         cls, tokens = x[:, :1], x[:, 1:]  # (B, 1, C), (B, P+G, C)
+        grouped = tokens if prompts_grouped else tokens[:, num_prompts:]  # the tokens the indices point into
         A, k = grouping.neighbour_indices.shape[1:]
-        groups = gather_points(tokens, grouping.neighbour_indices)  # (B, A, k, C)
+        groups = gather_points(grouped, grouping.neighbour_indices)  # (B, A, k, C)
         groups = local_attention(groups.reshape(B * A, k, C)).view(B, A, k, C)  # mix inside each group
         pooled = groups.amax(dim=2)  # max over the group                           (B, A, C)
         pooled = self.pool_activation(self.pool_norm(pooled.reshape(B * A, C))).view(B, A, C)  # BN + GELU
-        pooled = pooled + self.anchor_scale * gather_points(tokens, grouping.anchor_indices)  # + 0.3 x_a
+        pooled = pooled + self.anchor_scale * gather_points(grouped, grouping.anchor_indices)  # + 0.3 x_a
         G, n = grouping.propagation_indices.shape[1:]
         if G != T - 1 - num_prompts:
             raise ValueError(f"the grouping propagates to {G} patch tokens, but x has {T - 1 - num_prompts}")

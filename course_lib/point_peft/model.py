@@ -87,12 +87,16 @@ class PointPEFTConfig:
         anchor_scale: g_a += 0.3 * x_a.   propagation_scale: x_t += 0.3 * interpolation.
         propagation_neighbours: None = all anchors (official), 3 = PointNet++ / paper.
         exclude_self: training shapes never retrieve their own bank row (needs `indices`).
-        zero_init: start every bottleneck at zero (official: no; Xavier init). The local-geometry
-            term still moves the output at the start (see adapter.py).
+        zero_init: start every bottleneck at zero and the pooled BatchNorm's scale at zero
+            (official: no; Xavier init). With `anchor_scale=0` as well, the adapters then start as
+            the identity: the patch tokens are exactly the pretrained encoder's (see adapter.py).
         train_biases: train the frozen blocks' biases (official: yes).
         bank_query_in_training: in training, take a shape's retrieval query from its own bank
             row (its feature without augmentation) instead of running the frozen query encoder
             on the augmented cloud (official: run it). Saves one frozen forward per step.
+        group_prompts: the prompt tokens join the adapter's geometric groups through their
+            learnable coordinates (official: yes). False groups the patch tokens alone, so the
+            retrieved features reach the patch tokens only through the frozen attention.
     """
 
     use_prompt: bool = True
@@ -118,6 +122,7 @@ class PointPEFTConfig:
     zero_init: bool = False
     train_biases: bool = True
     bank_query_in_training: bool = False
+    group_prompts: bool = True
 
     def __post_init__(self) -> None:
         if not (self.use_prompt or self.use_adapter):
@@ -250,7 +255,8 @@ class PointPEFTModel(nn.Module):
             for _ in range(self.num_prompt_blocks if config.use_prompt else 0)
         )  # fmt: skip
         # learnable xyz of the prompt tokens, so they join the geometric groups (adapter only)  (P, 3)
-        self.prompt_coordinates = nn.Parameter(torch.empty(P, 3)) if config.use_prompt and config.use_adapter else None
+        grouped = config.use_prompt and config.use_adapter and config.group_prompts
+        self.prompt_coordinates = nn.Parameter(torch.empty(P, 3)) if grouped else None
         if self.prompt_coordinates is not None:
             nn.init.trunc_normal_(self.prompt_coordinates, std=0.02)
         self.adapters = nn.ModuleList(
@@ -341,9 +347,9 @@ class PointPEFTModel(nn.Module):
         if self.local_attention is not None:
             k, n = self.config.anchor_neighbours, self.config.propagation_neighbours
             group = lambda xyz, lead: group_tokens(xyz, self.num_anchors, k, lead, n)  # noqa: E731
-            if len(self.prompts) < len(self.encoder.blocks):
+            if len(self.prompts) < len(self.encoder.blocks) or self.prompt_coordinates is None:
                 grouping_plain = group(centres, 0)  # patch tokens only
-            if len(self.prompts) > 0:
+            if len(self.prompts) > 0 and self.prompt_coordinates is not None:
                 prompt_xyz = self.prompt_coordinates.expand(B, -1, -1).to(centres.dtype)  # (B, P, 3)
                 grouping_prompted = group(torch.cat([prompt_xyz, centres], dim=1), P)  # (B, P+G, 3) token centres
         for index, block in enumerate(self.encoder.blocks):
@@ -357,8 +363,9 @@ class PointPEFTModel(nn.Module):
             if self.local_attention is not None:
                 adapter: GeometryAwareAdapter = self.adapters[index]
                 h = h + adapter.mlp_delta(m)  # + 0.7 * Adapter(m)
-                grouping: TokenGrouping = grouping_prompted if prompted else grouping_plain
-                h = adapter(h, grouping, self.local_attention, P if prompted else 0)
+                grouped = prompted and self.prompt_coordinates is not None
+                grouping: TokenGrouping = grouping_prompted if grouped else grouping_plain
+                h = adapter(h, grouping, self.local_attention, P if prompted else 0, prompts_grouped=grouped)
             x = remove_prompts(h, P) if prompted else h  # (B, 1+G, C)
         return self.encoder.norm(x)
 
