@@ -79,8 +79,19 @@ def test_bank_query_in_training_uses_the_shapes_own_rows(model_config, bank_set)
     with pytest.raises(AssertionError, match="query encoder ran"):
         model(points)  # test shapes are not in the bank: their query is computed
     assert tiny_point_peft_config().bank_query_in_training
-    # the tiny recipe's adapters start as the identity
-    assert tiny_point_peft_config().zero_init and tiny_point_peft_config().anchor_scale == 0.0
+
+
+def test_tiny_config_adapters_start_at_the_pretrained_features(model_config, bank_set):
+    """adapter_only with the tiny config: the wrapped model's first forward is the pretrained encoder's."""
+    model, _ = build_setting(SettingRun("adapter_only", 0, TINY_RECIPE), model_config, bank_set)
+    points = torch.stack([bank_set[i][0] for i in range(4)])  # (4, N, 3)
+    with torch.no_grad():
+        expected, _ = model.encoder.forward_features(points)  # the frozen encoder, without the adapters
+        torch.testing.assert_close(model.eval().forward_features(points), expected)
+    official, _ = build_setting(SettingRun("adapter_only", 0, TINY_RECIPE, tiny_point_peft_config(zero_init=False)),
+                                model_config, bank_set)  # fmt: skip
+    with torch.no_grad():
+        assert not torch.allclose(official.eval().forward_features(points), expected, atol=1e-3)
 
 
 def test_run_setting_end_to_end_and_summary():

@@ -278,7 +278,7 @@ def expected_trainable(config: PointMAEConfig, peft: PointPEFTConfig, prompts: b
     count += D * (C + 4 * C + C + C + C)  # biases: attention output, fc1 (4C), fc2, two LayerNorms
     if prompts:
         count += L * (P * C + (bottleneck(peft.retrieval_bottleneck) if peft.uses_bank else 0))
-        count += 3 * P if adapters else 0  # prompt coordinates, used by the geometric grouping only
+        count += 3 * P if adapters and peft.group_prompts else 0  # prompt coordinates, for the grouping only
     if adapters:
         count += D * (2 * bottleneck(r) + 2 * C)  # MLP-branch and final bottlenecks, BatchNorm
         inner = peft.local_heads * peft.local_head_dim
@@ -336,7 +336,7 @@ def test_zero_init_without_the_anchor_term_starts_at_the_pretrained_encoder(setu
     moved, _ = point_peft(encoder, dataclasses.replace(peft, anchor_scale=0.3))
     with torch.no_grad():
         assert not torch.allclose(moved.train(train_mode).forward_features(data.points[:4]), expected, atol=1e-4)
-    # and every part still learns: the zeroed BatchNorm scale and up-projections get a gradient
+    # the zeroed parts still learn: the BatchNorm scale and the up-projections get a gradient at step 0
     model.train()
     model(data.points[:4]).logsumexp(-1).sum().backward()
     for name, p in model.named_parameters():
@@ -344,13 +344,15 @@ def test_zero_init_without_the_anchor_term_starts_at_the_pretrained_encoder(setu
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
 
 
-def test_prompts_outside_the_groups_leave_the_patch_tokens_as_without_prompts(setup):
+def test_prompts_outside_the_groups_leave_the_patch_tokens_as_without_prompts(setup, monkeypatch):
     """group_prompts=False: the local geometry sees the patch tokens only, so the adapter's patch
     outputs do not depend on the prompts, and the model has no prompt coordinates."""
     encoder, data, bank = setup
-    model, _ = point_peft(encoder, dataclasses.replace(PEFT, group_prompts=False), bank)
+    peft = dataclasses.replace(PEFT, group_prompts=False)
+    model, report = point_peft(encoder, peft, bank)
     assert model.prompt_coordinates is None
     assert not any("prompt_coordinates" in name for name, _ in model.named_parameters())
+    assert report.trainable == expected_trainable(TINY, peft, True, True)
     adapter, attention = model.adapters[0].eval(), model.local_attention
     torch.manual_seed(5)
     P, G = model.num_prompts, TINY.num_groups
@@ -361,8 +363,20 @@ def test_prompts_outside_the_groups_leave_the_patch_tokens_as_without_prompts(se
         with_prompts = adapter(x, grouping, attention, P, prompts_grouped=False)
         without = adapter(remove_prompts(x, P), grouping, attention, 0)
     torch.testing.assert_close(remove_prompts(with_prompts, P), without)
+
+    # the model's wiring: prompted blocks call the adapter with patch-only groups
+    calls = []
+    forward = GeometryAwareAdapter.forward
+
+    def recording(self, x, grouping, local_attention, num_prompts=0, prompts_grouped=True):
+        calls.append((num_prompts, prompts_grouped, int(grouping.neighbour_indices.max()), x.shape[1]))
+        return forward(self, x, grouping, local_attention, num_prompts, prompts_grouped)
+
+    monkeypatch.setattr(GeometryAwareAdapter, "forward", recording)
     model.train()
     model(data.points[:4], indices=torch.arange(4)).logsumexp(-1).sum().backward()
+    assert [c[0] for c in calls] == [P] * PEFT.prompt_blocks + [0] * (TINY.depth - PEFT.prompt_blocks)
+    assert all(not grouped and max_index < G for _, grouped, max_index, _ in calls)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 

@@ -232,7 +232,9 @@ class GeometryAwareAdapter(nn.Module):
         prompts_grouped: bool = True,
     ) -> Tensor:
         """x (B, 1+P+G, C) -> (B, 1+P+G, C); `grouping` groups the P+G tokens after CLS, or only the
-        G patch tokens when `prompts_grouped` is False (the prompts then skip the local geometry)."""
+        G patch tokens when `prompts_grouped` is False (the prompts then skip the local geometry).
+        The grouping's indices must point into that same token set: `group_tokens` on
+        [prompt coordinates, patch centres] with `num_leading=P`, or on the patch centres alone."""
         B, T, C = x.shape
         cls, tokens = x[:, :1], x[:, 1:]  # (B, 1, C), (B, P+G, C)
         grouped = tokens if prompts_grouped else tokens[:, num_prompts:]  # the tokens the indices point into

@@ -20,7 +20,7 @@ the BatchNorm statistics are recomputed over the training set ("precise BN",
 Sizes for the tiny backbone (C = 128, a third of the paper's 384): the head's hidden width and
 the bottlenecks are scaled down with it, `TINY_HEAD_HIDDEN_DIM = 48` (paper 256 at C = 384) and
 `tiny_point_peft_config()` with C -> 4 -> C adapter and retrieval bottlenecks (paper 16 and 8),
-and adapters that start as the identity (the official init is random; see the function).
+and adapters that start as the identity, without the anchor term (see the function).
 With them Point-PEFT trains 4.8% of the parameters (the official sizes: 15.5%, a third of it the
 head). All settings use the same head, so their accuracies compare like for like.
 
@@ -106,8 +106,10 @@ def tiny_point_peft_config(**overrides: Any) -> PointPEFTConfig:
       `PointPEFTConfig`), which saves one frozen forward per step.
     - `zero_init=True, anchor_scale=0`: the adapters start as the identity, so the wrapped model
       starts from the pretrained encoder's function (prompts aside) instead of a randomly
-      perturbed one. The paper trains 300 epochs, the course about 50 steps: too few to undo a
-      random start. Notebook 16 measures the official init beside it.
+      perturbed one. The paper trains 300 epochs, notebook 16's recipe 44 steps: too few to undo
+      a random start. `anchor_scale` is a fixed scale, not an initial value, so this also drops
+      the anchor term 0.3 x_a for all of training. Notebook 16 measures the official init beside
+      it, and the anchor term put back (`anchor_scale=0.3`) as an ablation.
 
     Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
     """

@@ -89,7 +89,9 @@ class PointPEFTConfig:
         exclude_self: training shapes never retrieve their own bank row (needs `indices`).
         zero_init: start every bottleneck at zero and the pooled BatchNorm's scale at zero
             (official: no; Xavier init). With `anchor_scale=0` as well, the adapters then start as
-            the identity: the patch tokens are exactly the pretrained encoder's (see adapter.py).
+            the identity: without prompts the patch tokens start exactly as the pretrained
+            encoder's (prompts still act through the frozen attention). Note that `anchor_scale`
+            is a fixed scale, not an initial value: 0 drops the anchor term for all of training.
         train_biases: train the frozen blocks' biases (official: yes).
         bank_query_in_training: in training, take a shape's retrieval query from its own bank
             row (its feature without augmentation) instead of running the frozen query encoder
@@ -199,7 +201,7 @@ class PointPEFTModel(nn.Module):
     """A frozen `PointMAEEncoder` with Point-prior Prompts and Geometry-aware Adapters (module doc).
 
     Parts: `encoder` (the wrapped model, frozen in place), `prompts` (one `PointPriorPrompt` per
-    prompted block), `prompt_coordinates` (P, 3), `adapters` (one `GeometryAwareAdapter` per
+    prompted block), `prompt_coordinates` (P, 3; None unless prompts join the adapters' groups), `adapters` (one `GeometryAwareAdapter` per
     block), `local_attention` (shared), `query_encoder` (frozen copy, with a bank) and the bank
     as buffers `bank_features` (S, C), `bank_labels` (S,).
 
@@ -254,7 +256,7 @@ class PointPEFTModel(nn.Module):
             )
             for _ in range(self.num_prompt_blocks if config.use_prompt else 0)
         )  # fmt: skip
-        # learnable xyz of the prompt tokens, so they join the geometric groups (adapter only)  (P, 3)
+        # learnable xyz of the prompt tokens, so they join the geometric groups (with adapters and group_prompts)  (P, 3)
         grouped = config.use_prompt and config.use_adapter and config.group_prompts
         self.prompt_coordinates = nn.Parameter(torch.empty(P, 3)) if grouped else None
         if self.prompt_coordinates is not None:
