@@ -201,9 +201,10 @@ class PointPEFTModel(nn.Module):
     """A frozen `PointMAEEncoder` with Point-prior Prompts and Geometry-aware Adapters (module doc).
 
     Parts: `encoder` (the wrapped model, frozen in place), `prompts` (one `PointPriorPrompt` per
-    prompted block), `prompt_coordinates` (P, 3; None unless prompts join the adapters' groups), `adapters` (one `GeometryAwareAdapter` per
-    block), `local_attention` (shared), `query_encoder` (frozen copy, with a bank) and the bank
-    as buffers `bank_features` (S, C), `bank_labels` (S,).
+    prompted block), `prompt_coordinates` (P, 3; None unless prompts join the adapters' groups),
+    `adapters` (one `GeometryAwareAdapter` per block), `local_attention` (shared),
+    `query_encoder` (frozen copy, with a bank) and the bank as buffers `bank_features` (S, C),
+    `bank_labels` (S,).
 
     Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
     """
@@ -256,7 +257,7 @@ class PointPEFTModel(nn.Module):
             )
             for _ in range(self.num_prompt_blocks if config.use_prompt else 0)
         )  # fmt: skip
-        # learnable xyz of the prompt tokens, so they join the geometric groups (with adapters and group_prompts)  (P, 3)
+        # learnable xyz of the prompt tokens, so they join the adapters' geometric groups   (P, 3)
         grouped = config.use_prompt and config.use_adapter and config.group_prompts
         self.prompt_coordinates = nn.Parameter(torch.empty(P, 3)) if grouped else None
         if self.prompt_coordinates is not None:
