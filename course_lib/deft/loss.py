@@ -31,7 +31,7 @@ from torch import nn
 from course_lib.meters.density import ActivationCollector
 from course_lib.train import default_loss, split_batch
 
-__all__ = ["DEFAULT_EPS", "density_surrogate", "density_loss", "DEFTLoss", "deft_training_step"]
+__all__ = ["DEFAULT_EPS", "DensitySurrogate", "density_surrogate", "density_loss", "DEFTLoss", "deft_training_step"]
 
 #: eps of the official DEFT code.
 DEFAULT_EPS: float = 1e-7
@@ -39,22 +39,55 @@ DEFAULT_EPS: float = 1e-7
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def density_surrogate(activation: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
+class DensitySurrogate(torch.autograd.Function):
+    """s(a) = a^2 / (a^2 + eps) that saves only `a` for backward (memory-efficient DEFT).
+
+    Written with plain autograd, a^2 / (a^2 + eps) keeps a, a^2 and a^2 + eps (three (B, T, H)
+    tensors per layer: `a` itself is already kept by W2's Linear, the other two are DEFT's own
+    cost). This Function keeps `a` only, which W2 saves anyway, and recomputes in backward
+
+        ds/da = 2 a eps / (a^2 + eps)^2.
+
+    Derived in notebooks/part3_deft/21_density_loss.ipynb.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, activation: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(activation)
+        ctx.eps = eps
+        squared = activation.square()
+        return squared / (squared + eps)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (activation,) = ctx.saved_tensors
+        denominator = activation.square() + ctx.eps
+        return grad_output * (2 * ctx.eps) * activation / denominator.square(), None
+
+
+def density_surrogate(activation: torch.Tensor, eps: float = DEFAULT_EPS, *, memory_efficient: bool = False) -> torch.Tensor:
     """Element-wise a^2 / (a^2 + eps): 0 at a = 0, about 1 for |a| >> sqrt(eps). Same shape as `activation`.
+
+    `memory_efficient=True` uses `DensitySurrogate`, which saves only `activation` for backward
+    (same values; the gradient formula written out instead of autograd's chain).
 
     Derived in notebooks/part3_deft/21_density_loss.ipynb.
     """
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
+    if memory_efficient:
+        return DensitySurrogate.apply(activation, float(eps))
     squared = activation.square()
     return squared / (squared + eps)
 
 
-def _layer_density(activation: torch.Tensor, attention_mask: torch.Tensor | None, eps: float) -> torch.Tensor:
+def _layer_density(
+    activation: torch.Tensor, attention_mask: torch.Tensor | None, eps: float, memory_efficient: bool = False
+) -> torch.Tensor:
     """One layer's surrogate density, averaged per example then over the batch: a scalar."""
     if activation.dim() < 2:
         raise ValueError(f"an activation must be (B, ..., H), got shape {tuple(activation.shape)}")
-    surrogate = density_surrogate(activation, eps)  # (B, T, H)
+    surrogate = density_surrogate(activation, eps, memory_efficient=memory_efficient)  # (B, T, H)
     if attention_mask is None:
         return surrogate.flatten(1).mean(dim=1).mean()  # every position counts (official DEFT)
     if activation.dim() != 3 or tuple(activation.shape[:2]) != tuple(attention_mask.shape):
@@ -73,12 +106,14 @@ def density_loss(
     attention_mask: torch.Tensor | None = None,
     *,
     eps: float = DEFAULT_EPS,
+    memory_efficient: bool = False,
 ) -> torch.Tensor:
     """DEFT's density loss: the surrogate averaged per example and layer, then over batch and layers.
 
     `activations`: the post-activation MLP outputs, (B, T, H) each (a dict from
     `ActivationCollector(model, detach=False)` or a list). `attention_mask` (B, T): padding
     positions (0) are left out; None counts every position, as the official DEFT code.
+    `memory_efficient`: the surrogate as `DensitySurrogate` (saves only the activations).
 
     Derived in notebooks/part3_deft/21_density_loss.ipynb.
     """
@@ -90,7 +125,7 @@ def density_loss(
     for value in values:
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"activations must be tensors, got {type(value).__name__}")
-    return torch.stack([_layer_density(value, attention_mask, eps) for value in values]).mean()
+    return torch.stack([_layer_density(value, attention_mask, eps, memory_efficient) for value in values]).mean()
 
 
 class DEFTLoss:
@@ -102,7 +137,9 @@ class DEFTLoss:
     an `ActivationCollector(detach=False)` on the modules matching `module_pattern`, so the
     activations stay in the autograd graph; the hooks are removed after the call. With
     `mask_padding` the batch's "attention_mask" (when it has one; point clouds have no padding)
-    leaves padding out. The components of the last call are kept in `last_task_loss` and
+    leaves padding out. Plain autograd keeps two extra (B, T, H) tensors per layer for the
+    surrogate's backward; `memory_efficient=True` keeps none (`DensitySurrogate`, notebook 21
+    measures both). The components of the last call are kept in `last_task_loss` and
     `last_density_loss`; `density_losses` lists the density loss of every call in training mode.
 
     Works with any model whose activation modules can be named and any course_lib.peft method
@@ -119,6 +156,7 @@ class DEFTLoss:
         eps: float = DEFAULT_EPS,
         module_pattern: str | None = None,
         mask_padding: bool = True,
+        memory_efficient: bool = False,
         task_loss: LossFn = default_loss,
     ) -> None:
         if not weight >= 0:
@@ -129,6 +167,7 @@ class DEFTLoss:
         self.eps = float(eps)
         self.module_pattern = module_pattern
         self.mask_padding = mask_padding
+        self.memory_efficient = memory_efficient
         self.task_loss = task_loss
         self.last_task_loss = float("nan")
         self.last_density_loss = float("nan")
@@ -145,7 +184,9 @@ class DEFTLoss:
     def __call__(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         with ActivationCollector(model, self.module_pattern, detach=False) as collector:
             task, logits = self.task_loss(model, batch)
-            density = density_loss(collector.activations, self._attention_mask(batch), eps=self.eps)
+            density = density_loss(
+                collector.activations, self._attention_mask(batch), eps=self.eps, memory_efficient=self.memory_efficient
+            )
         self.last_task_loss = task.detach().item()
         self.last_density_loss = density.detach().item()
         if model.training:
@@ -153,7 +194,10 @@ class DEFTLoss:
         return task + self.weight * density, logits
 
     def __repr__(self) -> str:
-        return f"DEFTLoss(weight={self.weight:g}, eps={self.eps:g}, mask_padding={self.mask_padding})"
+        return (
+            f"DEFTLoss(weight={self.weight:g}, eps={self.eps:g}, mask_padding={self.mask_padding}, "
+            f"memory_efficient={self.memory_efficient})"
+        )
 
 
 def deft_training_step(

@@ -133,8 +133,10 @@ class ActivationCollector(_Hooks):
     A module called several times in one forward pass keeps its last call.
 
     `detach=False` keeps the tensors in the autograd graph, so a loss can be computed from them
-    (DEFT's density loss). That costs no extra memory: the next Linear layer saves the same
-    tensor for its backward anyway.
+    (DEFT's density loss). Holding them costs nothing extra (the next Linear layer saves the
+    same tensor for its backward anyway), but a loss computed from them saves what its own
+    backward needs: DEFT's surrogate written with plain autograd keeps two more (B, T, H)
+    tensors per layer (notebook 21 measures it; `DEFTLoss(memory_efficient=True)` avoids it).
 
     ```
     with ActivationCollector(model, detach=False) as collector:
