@@ -1,24 +1,71 @@
 """DEFT (Density-Efficient Fine-Tuning): fewer non-zero MLP activations while doing PEFT.
 
 - `density`     `measure_density` -> DensityReport (exact or |a| > tau, padding masked or not),
-                `collect_activations`, `gelu_zero_range`, `relative_reduction`
-- `loss`        `density_surrogate` a^2 / (a^2 + eps), `density_loss`, `DEFTLoss` (a loss_fn for
-                `course_lib.train.train`), `deft_training_step`
+                `measure_density_by_position` -> DensityByPosition (all positions, real tokens,
+                padding: the three measures side by side), `collect_activations`,
+                `gelu_zero_range`, `relative_reduction`
+- `recipe`      `DEFTRecipe`, `PAPER_PROTOCOL` (the official GLUE scripts: pad to 128, unmasked),
+                `COURSE_RECIPE` (masked), `paper_protocol(...)`, `course_recipe(...)`
+- `sparsify`    exact zeros made in the forward pass: `SparseActivation` (threshold, CATS-style,
+                or shifted ReLU), `SparsityConfig`, `sparsify_activations` (per-layer
+                calibration + bias correction) -> SparsificationReport, `calibrate_thresholds`
+- `loss`        `density_surrogate` a^2 / (a^2 + eps) (`DensitySurrogate`: saves only a),
+                `density_loss`, `DEFTLoss` (a loss_fn for `course_lib.train.train`),
+                `deft_training_step`
 - `sparse_mlp`  the second MLP projection skipping unused rows of W2 (`sparse_second_projection`,
                 `csr_second_projection`, `SparseSecondProjection`)
+- `quantise`    QLoRA-style frozen weights for the "quantised" rows: NF4 (`NF4_CODEBOOK`,
+                `quantise_nf4`, `dequantise_nf4`, `NF4Tensor`, `pack_4bit`, `unpack_4bit`), per-row
+                int8 (`quantise_int8`, `dequantise_int8`, `Int8Tensor`), `QuantisedLinear` (an
+                nn.Linear that LoRA can wrap), `quantise_linears` -> QuantisationReport
 
 The hooks and counters underneath are `course_lib.meters.density`.
-Derived in notebooks/part3_deft/{20_activation_sparsity,21_density_loss,22_deft_in_practice}.ipynb.
+Derived in notebooks/part3_deft/{20_activation_sparsity,21_density_loss,22_deft_in_practice,
+23_sparse_inference}.ipynb.
 """
 
 from course_lib.deft.density import (
+    DensityByPosition,
     DensityReport,
     collect_activations,
     gelu_zero_range,
     measure_density,
+    measure_density_by_position,
     relative_reduction,
 )
-from course_lib.deft.loss import DEFAULT_EPS, DEFTLoss, deft_training_step, density_loss, density_surrogate
+from course_lib.deft.loss import (
+    DEFAULT_EPS,
+    DEFTLoss,
+    DensitySurrogate,
+    deft_training_step,
+    density_loss,
+    density_surrogate,
+)
+from course_lib.deft.quantise import (
+    NF4_CODEBOOK,
+    SCHEMES,
+    Int8Tensor,
+    NF4Tensor,
+    QuantisationReport,
+    QuantisedLinear,
+    dequantise_int8,
+    dequantise_nf4,
+    pack_4bit,
+    quantise_int8,
+    quantise_linears,
+    quantise_nf4,
+    unpack_4bit,
+)
+from course_lib.deft.recipe import COURSE_RECIPE, PAPER_PROTOCOL, DEFTRecipe, course_recipe, paper_protocol
+from course_lib.deft.sparsify import (
+    SPARSITY_KINDS,
+    SparseActivation,
+    SparsificationReport,
+    SparsityConfig,
+    calibrate_thresholds,
+    second_projection_name,
+    sparsify_activations,
+)
 from course_lib.deft.sparse_mlp import (
     SparseSecondProjection,
     active_hidden_units,
@@ -29,11 +76,26 @@ from course_lib.deft.sparse_mlp import (
 
 __all__ = [
     "DensityReport",
+    "DensityByPosition",
     "measure_density",
+    "measure_density_by_position",
+    "DEFTRecipe",
+    "PAPER_PROTOCOL",
+    "COURSE_RECIPE",
+    "paper_protocol",
+    "course_recipe",
+    "SPARSITY_KINDS",
+    "SparseActivation",
+    "SparsityConfig",
+    "SparsificationReport",
+    "calibrate_thresholds",
+    "second_projection_name",
+    "sparsify_activations",
     "collect_activations",
     "gelu_zero_range",
     "relative_reduction",
     "DEFAULT_EPS",
+    "DensitySurrogate",
     "density_surrogate",
     "density_loss",
     "DEFTLoss",
@@ -43,4 +105,17 @@ __all__ = [
     "sparse_second_projection",
     "csr_second_projection",
     "SparseSecondProjection",
+    "NF4_CODEBOOK",
+    "SCHEMES",
+    "NF4Tensor",
+    "Int8Tensor",
+    "pack_4bit",
+    "unpack_4bit",
+    "quantise_nf4",
+    "dequantise_nf4",
+    "quantise_int8",
+    "dequantise_int8",
+    "QuantisedLinear",
+    "QuantisationReport",
+    "quantise_linears",
 ]

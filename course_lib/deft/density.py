@@ -26,9 +26,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course_lib.meters.density import ActivationCollector, density_over_batches
+from course_lib.meters.density import (
+    ActivationCollector,
+    _forward,
+    _model_device,
+    _to_device,
+    count_active,
+    density_over_batches,
+    find_activation_modules,
+)
 
-__all__ = ["DensityReport", "measure_density", "collect_activations", "gelu_zero_range", "relative_reduction"]
+__all__ = [
+    "DensityReport",
+    "DensityByPosition",
+    "measure_density",
+    "measure_density_by_position",
+    "collect_activations",
+    "gelu_zero_range",
+    "relative_reduction",
+]
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,118 @@ def measure_density(
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     per_layer = density_over_batches(model, batches, module_pattern, threshold=threshold, mask_padding=mask_padding)
     return DensityReport(per_layer=per_layer, threshold=float(threshold), mask_padding=mask_padding)
+
+
+@dataclass(frozen=True)
+class DensityByPosition:
+    """The three densities DEFT's results are reported with, side by side (fractions, 0..1).
+
+    - `all`:     every position, padding included: the paper's measure (official code,
+                 `count_nonzero(output, dim=[1, 2]) / (T * 4C)` with no mask);
+    - `real`:    real tokens only (what an inference on unpadded inputs computes);
+    - `padding`: padding positions only (None when the batches have no padding).
+
+    Each is a mean over layers of the per-layer fraction; per-layer values are kept too.
+    With padded batches, `all` = (real tokens x real + padding x padding) / positions, layer
+    by layer, so it mixes the two in the proportion of the padding.
+
+    Derived in notebooks/part3_deft/22_deft_in_practice.ipynb.
+    """
+
+    all: float
+    real: float
+    padding: float | None
+    per_layer: dict[str, dict[str, float | None]]  # layer -> {"all", "real", "padding"}
+    padding_share: float  # fraction of the positions that are padding
+    threshold: float = 0.0
+
+    def as_dict(self) -> dict[str, float | None]:
+        """{"all", "real", "padding"}: the shape `results/deft.json` stores."""
+        return {"all": self.all, "real": self.real, "padding": self.padding}
+
+    def __str__(self) -> str:
+        padding = "n/a" if self.padding is None else f"{self.padding:.4f}"
+        return (
+            f"density all positions {self.all:.4f} | real tokens {self.real:.4f} | padding {padding} "
+            f"({100 * self.padding_share:.0f}% of positions are padding)"
+        )
+
+
+@torch.no_grad()
+def measure_density_by_position(
+    model: nn.Module, batches: Iterable[Any], module_pattern: str | None = None, *, threshold: float = 0.0
+) -> DensityByPosition:
+    """Density over all positions, real tokens and padding positions, in one pass, in eval mode.
+
+    `batches`: dict batches with an "attention_mask" (1 = real token); a batch without one
+    counts as all real tokens. Raises ValueError for a negative threshold or an empty loader.
+
+    Derived in notebooks/part3_deft/22_deft_in_practice.ipynb.
+    """
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    modules = find_activation_modules(model, module_pattern)
+    counts = {name: {"real": [0, 0], "padding": [0, 0]} for name in modules}
+    current_mask: list[torch.Tensor | None] = [None]
+
+    def make_hook(name: str):
+        def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            mask = current_mask[0]
+            if mask is None or tuple(output.shape[:2]) != tuple(mask.shape):
+                if mask is not None:
+                    raise ValueError(
+                        f"{name}: activation tokens {tuple(output.shape[:2])} do not match the attention mask "
+                        f"{tuple(mask.shape)} (a method that adds tokens, such as prompt tuning): use measure_density"
+                    )
+                mask = torch.ones(output.shape[:2], dtype=torch.long, device=output.device)
+            for part, part_mask in (("real", mask), ("padding", 1 - mask.long())):
+                active, counted = count_active(output, threshold, part_mask)
+                counts[name][part][0] += active
+                counts[name][part][1] += counted
+
+        return hook
+
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    handles = [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
+    seen = 0
+    try:
+        for batch in batches:
+            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+            current_mask[0] = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+            _forward(model, _to_device(batch, device))
+            seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("no batches: pass a non-empty DataLoader or list of batches")
+
+    def fraction(active: int, counted: int) -> float | None:
+        return active / counted if counted else None
+
+    per_layer: dict[str, dict[str, float | None]] = {}
+    for name, parts in counts.items():
+        (real_active, real_counted), (pad_active, pad_counted) = parts["real"], parts["padding"]
+        per_layer[name] = {
+            "all": fraction(real_active + pad_active, real_counted + pad_counted),
+            "real": fraction(real_active, real_counted),
+            "padding": fraction(pad_active, pad_counted),
+        }
+    first = next(iter(counts.values()))
+    positions = first["real"][1] + first["padding"][1]
+    padding_share = first["padding"][1] / positions if positions else 0.0
+
+    def mean_of(part: str) -> float | None:
+        values = [layer[part] for layer in per_layer.values()]
+        return None if any(v is None for v in values) else sum(values) / len(values)
+
+    return DensityByPosition(
+        all=mean_of("all"), real=mean_of("real"), padding=mean_of("padding"), per_layer=per_layer,
+        padding_share=padding_share, threshold=float(threshold),
+    )
 
 
 @torch.no_grad()

@@ -75,20 +75,28 @@ class TextDataset(Dataset):
 class TextCollator:
     """Tokenizes a list of dataset items into an HF-style batch with "labels".
 
-    Pads to the longest item of the batch and truncates at `max_length` tokens.
+    Pads to the longest item of the batch (or, with `pad_to_max_length`, every batch to
+    `max_length`, as the official DEFT and MEFT scripts' `--pad_to_max_length` do) and truncates
+    at `max_length` tokens.
     """
 
-    def __init__(self, tokenizer, max_length: int = 128) -> None:
+    def __init__(self, tokenizer, max_length: int = 128, *, pad_to_max_length: bool = False) -> None:
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2 (the [CLS] and [SEP] tokens), got {max_length}")
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.pad_to_max_length = pad_to_max_length
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         texts = [item["text"] for item in items]
         pairs = [item["text_pair"] for item in items] if "text_pair" in items[0] else None
         batch = self.tokenizer(
-            texts, pairs, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            texts,
+            pairs,
+            padding="max_length" if self.pad_to_max_length else True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
         )
         batch = dict(batch)
         batch["labels"] = torch.tensor([item["label"] for item in items], dtype=torch.long)
@@ -102,9 +110,13 @@ def make_loader(
     batch_size: int = 32,
     shuffle: bool = False,
     max_length: int = 128,
+    pad_to_max_length: bool = False,
     seed: int | None = None,
 ) -> DataLoader:
     """A DataLoader of tokenized batches (dicts with input_ids, attention_mask, ..., labels).
+
+    Batches are padded to their longest sentence; `pad_to_max_length=True` pads every batch to
+    `max_length` tokens instead (the DEFT paper's protocol, notebook 22).
 
     With `shuffle=True`, `seed` fixes the order of every epoch; without a seed the order
     follows torch's global RNG (which `course_lib.train.train` seeds).
@@ -117,6 +129,6 @@ def make_loader(
         TextDataset(split),
         batch_size=batch_size,
         shuffle=shuffle,
-        collate_fn=TextCollator(tokenizer, max_length),
+        collate_fn=TextCollator(tokenizer, max_length, pad_to_max_length=pad_to_max_length),
         generator=generator,
     )
