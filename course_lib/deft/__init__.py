@@ -13,7 +13,8 @@
                 `density_loss`, `DEFTLoss` (a loss_fn for `course_lib.train.train`),
                 `deft_training_step`
 - `sparse_mlp`  the second MLP projection skipping unused rows of W2 (`sparse_second_projection`,
-                `csr_second_projection`, `SparseSecondProjection`)
+                `csr_second_projection`, `gather_second_projection`, `SparseSecondProjection`
+                with its `SPARSE_PROJECTION_MODES`)
 - `quantise`    QLoRA-style frozen weights for the "quantised" rows: NF4 (`NF4_CODEBOOK`,
                 `quantise_nf4`, `dequantise_nf4`, `NF4Tensor`, `pack_4bit`, `unpack_4bit`), per-row
                 int8 (`quantise_int8`, `dequantise_int8`, `Int8Tensor`), `QuantisedLinear` (an
@@ -67,9 +68,11 @@ from course_lib.deft.sparsify import (
     sparsify_activations,
 )
 from course_lib.deft.sparse_mlp import (
+    SPARSE_PROJECTION_MODES,
     SparseSecondProjection,
     active_hidden_units,
     csr_second_projection,
+    gather_second_projection,
     sparse_second_projection,
     union_density,
 )
@@ -104,6 +107,8 @@ __all__ = [
     "union_density",
     "sparse_second_projection",
     "csr_second_projection",
+    "gather_second_projection",
+    "SPARSE_PROJECTION_MODES",
     "SparseSecondProjection",
     "NF4_CODEBOOK",
     "SCHEMES",

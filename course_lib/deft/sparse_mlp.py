@@ -2,7 +2,7 @@
 
 A transformer MLP computes y = h W2 + b2 with h = GELU(x W1 + b1) of shape (N tokens, H) and
 W2 of shape (H, C) (nn.Linear stores its transpose, (C, H)). Row j of W2 is only needed where
-h[:, j] != 0. Two ways to use that on a CPU:
+h[:, j] != 0. Three ways to use that on a CPU:
 
 - Row skipping over a token batch (`sparse_second_projection`): keep the hidden units that are
   active for *any* token of the batch, J = {j : exists t, |h[t, j]| > tau}, and compute
@@ -12,10 +12,18 @@ h[:, j] != 0. Two ways to use that on a CPU:
 - Per-token sparsity (`csr_second_projection`): store h as a sparse CSR matrix and let
   `torch.sparse.mm` add only the rows each token needs. It uses every zero, but pays for
   indexing; it only wins at low density.
+- Per-token gather-sum (`gather_second_projection`): for token t, y_t = b2 + sum over its
+  active units j of h[t, j] W2[j, :], i.e. gather the rows of the (H, C) weight that the token
+  needs and add them, weighted. `F.embedding_bag(..., mode="sum", per_sample_weights=...)` is
+  exactly that kernel (the CSR column indices are the bag contents, the row pointers its
+  offsets); it does not go through a sparse-times-dense matmul and is the cheapest of the three
+  at batch 1 (one sentence, or one token as in a decoding step).
 
-`benchmarks/sparse_mlp.py` measures both against the dense matmul at MiniLM's sizes.
+`benchmarks/sparse_mlp.py` measures the first two against the dense matmul at MiniLM's sizes;
+`benchmarks/sparse_inference.py` measures all three inside a whole sparsified MiniLM forward.
 
-Derived in notebooks/part3_deft/22_deft_in_practice.ipynb.
+Derived in notebooks/part3_deft/22_deft_in_practice.ipynb (the gather kernel in
+notebooks/part3_deft/23_sparse_inference.ipynb).
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ __all__ = [
     "union_density",
     "sparse_second_projection",
     "csr_second_projection",
+    "gather_second_projection",
+    "SPARSE_PROJECTION_MODES",
     "SparseSecondProjection",
 ]
 
@@ -123,10 +133,65 @@ def csr_second_projection(
     return output + bias if bias is not None else output
 
 
+def gather_second_projection(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    threshold: float = 0.0,
+    weight_by_unit: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = h W2 + b2 as a per-token gather-sum of the rows of W2 its active units need: (N, H) -> (N, C).
+
+    y[t] = b2 + sum_{j : h[t, j] != 0} h[t, j] W2[j, :], computed by `F.embedding_bag` in "sum"
+    mode: the non-zero column indices of each token are its bag, their values the per-sample
+    weights, W2 (H, C) the embedding table. Same arguments and result as
+    `sparse_second_projection`; uses per-token sparsity without a sparse matmul. A token with
+    no active unit gets b2.
+
+    Derived in notebooks/part3_deft/23_sparse_inference.ipynb.
+    """
+    _check_hidden(hidden, weight, bias)
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden and weight must have the same dtype, got {hidden.dtype} and {weight.dtype}")
+    by_unit = weight_by_unit if weight_by_unit is not None else weight.t().contiguous()  # W2 (H, C)
+    if tuple(by_unit.shape) != (weight.shape[1], weight.shape[0]):
+        raise ValueError(
+            f"weight_by_unit must be the (H, C) = {(weight.shape[1], weight.shape[0])} transpose of weight, "
+            f"got {tuple(by_unit.shape)}"
+        )
+    if threshold > 0:
+        hidden = hidden * (hidden.abs() > threshold)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": only its index arrays are used
+        warnings.simplefilter("ignore", UserWarning)
+        sparse = hidden.to_sparse_csr()
+    # bags: token t owns columns col_indices[crow[t]:crow[t + 1]]; include_last_offset takes crow as is (N + 1,)
+    output = F.embedding_bag(
+        sparse.col_indices(),
+        by_unit,
+        sparse.crow_indices(),
+        mode="sum",
+        per_sample_weights=sparse.values(),
+        include_last_offset=True,
+    )  # (N, C)
+    return output + bias if bias is not None else output
+
+
+#: The kernels `SparseSecondProjection` can use, by mode.
+SPARSE_PROJECTION_MODES = {
+    "rows": sparse_second_projection,
+    "csr": csr_second_projection,
+    "gather": gather_second_projection,
+}
+
+
 class SparseSecondProjection(nn.Module):
     """A drop-in for an MLP's second nn.Linear (H -> C) that skips the rows of W2 unused by the batch.
 
-    `mode="rows"` (row skipping over the token batch) or `"csr"` (per-token sparse matmul).
+    `mode="rows"` (row skipping over the token batch), `"csr"` (per-token sparse matmul) or
+    `"gather"` (per-token gather-sum of W2's rows, `gather_second_projection`).
     Inputs of any shape (..., H); the weights are the Linear's (shared, not copied), plus a
     contiguous (H, C) transpose for gathering rows, taken when it is built: for inference with
     frozen (or merged) weights.
@@ -138,8 +203,8 @@ class SparseSecondProjection(nn.Module):
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SparseSecondProjection wraps an nn.Linear, got {type(linear).__name__}")
-        if mode not in ("rows", "csr"):
-            raise ValueError(f"mode must be 'rows' or 'csr', got {mode!r}")
+        if mode not in SPARSE_PROJECTION_MODES:
+            raise ValueError(f"mode must be one of {tuple(SPARSE_PROJECTION_MODES)}, got {mode!r}")
         if threshold < 0:
             raise ValueError(f"threshold must be >= 0, got {threshold}")
         self.linear = linear
@@ -150,7 +215,7 @@ class SparseSecondProjection(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., H) -> (..., C)."""
         flat = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
-        project = sparse_second_projection if self.mode == "rows" else csr_second_projection
+        project = SPARSE_PROJECTION_MODES[self.mode]
         output = project(
             flat, self.linear.weight, self.linear.bias, threshold=self.threshold, weight_by_unit=self.weight_by_unit
         )
