@@ -43,7 +43,6 @@ trained with the same LoRA recipe (not sparsified).
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from typing import Any, Callable
@@ -52,17 +51,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import interleaved_median_seconds, torch_environment, write_bench
+from benchmarks.common import torch_environment, write_bench
+from course_lib.meters import interleaved_median_seconds
 from course_lib import config
 from course_lib.config import fast_or_full
 from course_lib.deft import (
     SPARSE_PROJECTION_MODES,
     SparseActivation,
-    SparseSecondProjection,
     SparsityConfig,
     measure_density_by_position,
-    second_projection_name,
+    second_projection_names,
     sparsify_activations,
+    with_sparse_second_projections,
 )
 from course_lib.peft import inject_peft, merge_and_unload
 from course_lib.text import load_classifier, load_tokenizer, make_loader, make_sentiment_task
@@ -77,20 +77,6 @@ LORA_TARGETS = r".*\.attention\.self\.(query|value)|.*\.layer\.\d+\.(intermediat
 LORA = {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": LORA_TARGETS}
 TRAIN = {"num_epochs": 2, "lr": 3e-3, "warmup_ratio": 0.1}
 SAVED_MODEL = "deft_sparsified_lora.pt"
-
-
-def second_projection_names(model: nn.Module) -> list[str]:
-    """The names of the W2 that follow each `SparseActivation` of `model`, in layer order."""
-    return [second_projection_name(name) for name, module in model.named_modules() if isinstance(module, SparseActivation)]
-
-
-def with_sparse_second_projections(model: nn.Module, mode: str) -> nn.Module:
-    """A copy of `model` whose W2 after each SparseActivation is a `SparseSecondProjection(mode=mode)`."""
-    sparse = copy.deepcopy(model)
-    for name in second_projection_names(sparse):
-        parent_name, _, attribute = name.rpartition(".")
-        setattr(sparse.get_submodule(parent_name), attribute, SparseSecondProjection(sparse.get_submodule(name), mode=mode))
-    return sparse.eval()
 
 
 def build_models(task, tokenizer, calibration: list[Any], train_loader) -> tuple[nn.Module, dict[str, Any]]:

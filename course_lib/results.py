@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -10,7 +11,7 @@ from typing import Any
 
 from course_lib import config
 
-__all__ = ["write_json", "read_json", "results_path"]
+__all__ = ["write_json", "read_json", "update_json", "results_path"]
 
 
 def results_path(name: str, subdir: str | None = None) -> Path:
@@ -52,6 +53,27 @@ def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file written by `write_json`."""
     with open(path) as handle:
         return json.load(handle)
+
+
+def update_json(path: str | os.PathLike, updates: dict[str, Any]) -> Path:
+    """Replace the top-level keys `updates` names in the JSON object at `path`, keeping the others.
+
+    For a results file that several notebooks fill in part (notebooks 22 and 23 both write
+    `results/deft.json`), possibly at the same time: the read-modify-write runs under an
+    exclusive lock on `<path>.lock`, and the write itself is `write_json`'s atomic rename.
+    A missing file starts empty; a file that is not a JSON object raises ValueError.
+    """
+    if not isinstance(updates, dict):
+        raise TypeError(f"updates must be a dict of top-level keys, got {type(updates).__name__}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f"{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        data: Any = read_json(path) if path.exists() else {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object: move it away and run again")
+        data.update(updates)
+        return write_json(path, data)
 
 
 def _to_jsonable(value: Any) -> Any:

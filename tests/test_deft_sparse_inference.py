@@ -15,14 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from benchmarks.sparse_inference import second_projection_names, with_sparse_second_projections
 from course_lib.deft import (
     SPARSE_PROJECTION_MODES,
     SparseActivation,
     SparseSecondProjection,
     SparsityConfig,
     gather_second_projection,
+    second_projection_names,
     sparsify_activations,
+    with_sparse_second_projections,
 )
 
 MODES = tuple(SPARSE_PROJECTION_MODES)
@@ -158,3 +159,17 @@ def test_module_bad_mode_and_type_errors():
     with pytest.raises(TypeError, match="nn.Linear"):
         SparseSecondProjection(nn.Conv1d(4, 2, 1), mode="gather")
     assert set(MODES) == {"rows", "csr", "gather"}
+
+
+def test_with_sparse_second_projections_needs_a_sparsified_merged_model():
+    with pytest.raises(ValueError, match="sparsify it first"):
+        with_sparse_second_projections(tiny_bert(), "gather")
+    model = tiny_bert()
+    sparsify_activations(model, [padded_batch([5, 3], 0)], SparsityConfig(kind="relu", target_density=None, correct_bias=False))
+    with pytest.raises(ValueError, match="mode must be"):
+        with_sparse_second_projections(model, "dense")
+    from course_lib.peft import inject_peft
+
+    inject_peft(model, "lora", r=2, alpha=4, target_modules=["output.dense"])
+    with pytest.raises(ValueError, match="merge LoRA first"):
+        with_sparse_second_projections(model, "gather")

@@ -14,7 +14,8 @@
                 `deft_training_step`
 - `sparse_mlp`  the second MLP projection skipping unused rows of W2 (`sparse_second_projection`,
                 `csr_second_projection`, `gather_second_projection`, `SparseSecondProjection`
-                with its `SPARSE_PROJECTION_MODES`)
+                with its `SPARSE_PROJECTION_MODES`; `with_sparse_second_projections` puts them
+                into a sparsified model)
 - `quantise`    QLoRA-style frozen weights for the "quantised" rows: NF4 (`NF4_CODEBOOK`,
                 `quantise_nf4`, `dequantise_nf4`, `NF4Tensor`, `pack_4bit`, `unpack_4bit`), per-row
                 int8 (`quantise_int8`, `dequantise_int8`, `Int8Tensor`), `QuantisedLinear` (an
@@ -73,8 +74,10 @@ from course_lib.deft.sparse_mlp import (
     active_hidden_units,
     csr_second_projection,
     gather_second_projection,
+    second_projection_names,
     sparse_second_projection,
     union_density,
+    with_sparse_second_projections,
 )
 
 __all__ = [
@@ -110,6 +113,8 @@ __all__ = [
     "gather_second_projection",
     "SPARSE_PROJECTION_MODES",
     "SparseSecondProjection",
+    "second_projection_names",
+    "with_sparse_second_projections",
     "NF4_CODEBOOK",
     "SCHEMES",
     "NF4Tensor",

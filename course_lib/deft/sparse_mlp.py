@@ -28,6 +28,8 @@ notebooks/part3_deft/23_sparse_inference.ipynb).
 
 from __future__ import annotations
 
+import copy
+
 import warnings
 
 import torch
@@ -42,6 +44,8 @@ __all__ = [
     "gather_second_projection",
     "SPARSE_PROJECTION_MODES",
     "SparseSecondProjection",
+    "second_projection_names",
+    "with_sparse_second_projections",
 ]
 
 
@@ -220,3 +224,41 @@ class SparseSecondProjection(nn.Module):
             flat, self.linear.weight, self.linear.bias, threshold=self.threshold, weight_by_unit=self.weight_by_unit
         )
         return output.reshape(*hidden.shape[:-1], output.shape[-1])
+
+
+def second_projection_names(model: nn.Module) -> list[str]:
+    """The names of the W2 that follow each `SparseActivation` of `model`, in layer order.
+
+    Derived in notebooks/part3_deft/23_sparse_inference.ipynb.
+    """
+    from course_lib.deft.sparsify import SparseActivation, second_projection_name
+
+    return [second_projection_name(name) for name, module in model.named_modules() if isinstance(module, SparseActivation)]
+
+
+def with_sparse_second_projections(model: nn.Module, mode: str = "gather") -> nn.Module:
+    """A copy of a sparsified `model` (in eval mode) whose W2 after each `SparseActivation` is a
+    `SparseSecondProjection(mode=mode)`; the original is left as it is.
+
+    For inference on frozen or merged weights (merge LoRA first: `merge_and_unload`). Raises
+    ValueError when `model` has no `SparseActivation` (run `sparsify_activations` first) or a W2
+    is not a plain nn.Linear.
+
+    Derived in notebooks/part3_deft/23_sparse_inference.ipynb.
+    """
+    if mode not in SPARSE_PROJECTION_MODES:
+        raise ValueError(f"mode must be one of {tuple(SPARSE_PROJECTION_MODES)}, got {mode!r}")
+    names = second_projection_names(model)
+    if not names:
+        raise ValueError(
+            f"{type(model).__name__} has no SparseActivation: sparsify it first "
+            "(course_lib.deft.sparsify_activations), then merge its LoRA (merge_and_unload)"
+        )
+    sparse = copy.deepcopy(model)
+    for name in names:
+        linear = sparse.get_submodule(name)
+        if type(linear) is not nn.Linear:
+            raise ValueError(f"{name} is a {type(linear).__name__}, not a plain nn.Linear: merge LoRA first (merge_and_unload)")
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(sparse.get_submodule(parent_name), attribute, SparseSecondProjection(linear, mode=mode))
+    return sparse.eval()

@@ -4,6 +4,7 @@
 - `measure_activation_memory`   bytes saved for backward by one step, optionally per module (memory.py)
 - `measure_peak_process_memory` peak resident memory of a step (memory.py)
 - `activation_density`          per-layer non-zero fraction of MLP activations (density.py)
+- `interleaved_median_seconds`  median times of contenders timed in alternation (timing.py)
 
 Derived in notebooks/part1_foundations/03_measuring_finetuning.ipynb.
 """
@@ -28,6 +29,7 @@ from course_lib.meters.memory import (
     measure_peak_process_memory,
 )
 from course_lib.meters.parameters import ParameterReport, count_parameters
+from course_lib.meters.timing import interleaved_median_seconds, median_seconds
 
 __all__ = [
     "ParameterReport",
@@ -47,4 +49,6 @@ __all__ = [
     "DensityCounter",
     "activation_density",
     "density_over_batches",
+    "median_seconds",
+    "interleaved_median_seconds",
 ]
