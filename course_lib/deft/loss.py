@@ -42,9 +42,10 @@ LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor | None]]
 class DensitySurrogate(torch.autograd.Function):
     """s(a) = a^2 / (a^2 + eps) that saves only `a` for backward (memory-efficient DEFT).
 
-    Written with plain autograd, a^2 / (a^2 + eps) keeps a, a^2 and a^2 + eps (three (B, T, H)
-    tensors per layer: `a` itself is already kept by W2's Linear, the other two are DEFT's own
-    cost). This Function keeps `a` only, which W2 saves anyway, and recomputes in backward
+    Written with plain autograd, a^2 / (a^2 + eps) keeps a, a^2 and a^2 + eps: three (B, T, H)
+    tensors per layer that a LoRA step on query and value does not otherwise keep (a frozen W2
+    needs only its weight for backward, and GELU keeps its input z, not a). This Function keeps
+    `a` only (shared with W2 when W2 itself trains and saves its input), and recomputes in backward
 
         ds/da = 2 a eps / (a^2 + eps)^2.
 
@@ -137,9 +138,9 @@ class DEFTLoss:
     an `ActivationCollector(detach=False)` on the modules matching `module_pattern`, so the
     activations stay in the autograd graph; the hooks are removed after the call. With
     `mask_padding` the batch's "attention_mask" (when it has one; point clouds have no padding)
-    leaves padding out. Plain autograd keeps two extra (B, T, H) tensors per layer for the
-    surrogate's backward; `memory_efficient=True` keeps none (`DensitySurrogate`, notebook 21
-    measures both). The components of the last call are kept in `last_task_loss` and
+    leaves padding out. Plain autograd keeps three extra (B, T, H) tensors per layer for the
+    surrogate's backward (with LoRA on query and value); `memory_efficient=True` keeps one, the
+    activation itself (`DensitySurrogate`; notebook 21 measures both). The components of the last call are kept in `last_task_loss` and
     `last_density_loss`; `density_losses` lists the density loss of every call in training mode.
 
     Works with any model whose activation modules can be named and any course_lib.peft method
