@@ -333,3 +333,23 @@ def test_sparse_projection_errors():
         SparseSecondProjection(nn.ReLU())
     with pytest.raises(ValueError, match="mode must be"):
         SparseSecondProjection(linear, mode="dense")
+
+
+def test_memory_efficient_surrogate_matches_autograd_and_saves_only_the_activation():
+    from course_lib.deft import DensitySurrogate
+    from course_lib.meters import measure_activation_memory
+
+    a64 = (torch.randn(2, 3, 4, dtype=torch.float64) * 1e-3).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: DensitySurrogate.apply(t, 1e-7), (a64,))
+    a = (torch.randn(3, 5, 8) * 1e-3).requires_grad_(True)
+    plain, efficient = density_surrogate(a), density_surrogate(a, memory_efficient=True)
+    assert torch.equal(plain, efficient)
+    (g_plain,) = torch.autograd.grad(plain.sum(), a)
+    (g_efficient,) = torch.autograd.grad(efficient.sum(), a)
+    torch.testing.assert_close(g_efficient, g_plain, rtol=1e-5, atol=1e-6)  # float32: the same maths, other rounding
+    # saved for backward: a, a^2 and a^2 + eps with plain autograd; a alone with the Function
+    leaf = torch.randn(4, 6, 16).requires_grad_(True)
+    one_tensor = leaf.numel() * 4
+    for memory_efficient, tensors in ((False, 3), (True, 1)):
+        report = measure_activation_memory(lambda: density_surrogate(leaf * 1.0, memory_efficient=memory_efficient).mean())
+        assert report.activation_bytes == tensors * one_tensor, (memory_efficient, report.activation_bytes)
