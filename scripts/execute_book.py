@@ -33,8 +33,8 @@ EXPECTED_MINUTES = {
     "notebooks/part2_point_peft/16_point_peft_results.ipynb": 28,
     "notebooks/part1_foundations/02_peft_zoo.ipynb": 12,
     "notebooks/part4_meft/32_meft.ipynb": 12,
-    "notebooks/part3_deft/22_deft_in_practice.ipynb": 12,
-    "notebooks/part3_deft/23_sparse_inference.ipynb": 10,
+    "notebooks/part3_deft/22_deft_in_practice.ipynb": 9,
+    "notebooks/part3_deft/23_sparse_inference.ipynb": 9,
     "notebooks/part2_point_peft/13_point_baselines.ipynb": 4,
 }
 CACHE_PATH = REPO_ROOT / "_build" / ".jupyter_cache"  # where `jupyter-book build .` keeps it
