@@ -140,8 +140,9 @@ class DEFTLoss:
     `mask_padding` the batch's "attention_mask" (when it has one; point clouds have no padding)
     leaves padding out. Plain autograd keeps three extra (B, T, H) tensors per layer for the
     surrogate's backward (with LoRA on query and value); `memory_efficient=True` keeps one, the
-    activation itself (`DensitySurrogate`; notebook 21 measures both). The components of the last call are kept in `last_task_loss` and
-    `last_density_loss`; `density_losses` lists the density loss of every call in training mode.
+    activation itself (`DensitySurrogate`; notebook 21 measures both). The components of the last
+    call are kept in `last_task_loss` and `last_density_loss`; `density_losses` lists the density
+    loss of every call in training mode.
 
     Works with any model whose activation modules can be named and any course_lib.peft method
     that keeps the token count (LoRA, adapters, prefix tuning; prompt tuning adds tokens:

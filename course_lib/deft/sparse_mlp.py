@@ -29,12 +29,13 @@ notebooks/part3_deft/23_sparse_inference.ipynb).
 from __future__ import annotations
 
 import copy
-
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from course_lib.deft.sparsify import SparseActivation, second_projection_name
 
 __all__ = [
     "active_hidden_units",
@@ -50,6 +51,7 @@ __all__ = [
 
 
 def _check_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """hidden (N, H), weight nn.Linear's (C, H), bias (C,) or None; else ValueError."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
         raise ValueError(f"hidden must be (tokens, H), got {shape}; flatten (B, T, H) with .reshape(-1, H)")
@@ -59,6 +61,37 @@ def _check_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be (C,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def _kernel_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: float,
+    weight_by_unit: torch.Tensor | None,
+    *,
+    contiguous: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What every W2 kernel starts from: (h with |h| <= threshold set to exact 0, W2 as (H, C)).
+
+    Checks the shapes, the threshold and the dtypes; `weight_by_unit`, when given, must be the
+    (H, C) transpose of `weight` (else it is taken here: contiguous when `contiguous`, a view if not).
+    """
+    _check_hidden(hidden, weight, bias)
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden and weight must have the same dtype, got {hidden.dtype} and {weight.dtype}")
+    if weight_by_unit is None:
+        weight_by_unit = weight.t().contiguous() if contiguous else weight.t()  # W2 (H, C)
+    elif tuple(weight_by_unit.shape) != (weight.shape[1], weight.shape[0]):
+        raise ValueError(
+            f"weight_by_unit must be the (H, C) = {(weight.shape[1], weight.shape[0])} transpose of weight, "
+            f"got {tuple(weight_by_unit.shape)}"
+        )
+    if threshold > 0:
+        hidden = hidden * (hidden.abs() > threshold)  # small entries -> exact zeros
+    return hidden, weight_by_unit
 
 
 def active_hidden_units(hidden: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
@@ -102,13 +135,11 @@ def sparse_second_projection(
 
     Derived in notebooks/part3_deft/22_deft_in_practice.ipynb.
     """
-    _check_hidden(hidden, weight, bias)
-    if threshold > 0:
-        hidden = hidden * (hidden.abs() > threshold)  # small entries -> exact zeros
+    hidden, by_unit = _kernel_inputs(hidden, weight, bias, threshold, weight_by_unit, contiguous=False)
     units = active_hidden_units(hidden)  # J, (|J|,)
     if units.numel() == hidden.shape[1]:  # no unit is silent for the whole batch: nothing to skip
         return F.linear(hidden, weight, bias)
-    rows = (weight_by_unit if weight_by_unit is not None else weight.t()).index_select(0, units)  # W2[J, :]  (|J|, C)
+    rows = by_unit.index_select(0, units)  # W2[J, :]  (|J|, C)
     output = hidden.index_select(1, units) @ rows  # (N, |J|) x (|J|, C) -> (N, C)
     return output + bias if bias is not None else output
 
@@ -123,14 +154,11 @@ def csr_second_projection(
 ) -> torch.Tensor:
     """y = h W2 + b2 with h as a sparse CSR matrix: each token adds only its own active rows of W2.
 
-    Same arguments and result as `sparse_second_projection`; uses per-token sparsity.
+    Same arguments, checks and result as `sparse_second_projection`; uses per-token sparsity.
 
     Derived in notebooks/part3_deft/22_deft_in_practice.ipynb.
     """
-    _check_hidden(hidden, weight, bias)
-    if threshold > 0:
-        hidden = hidden * (hidden.abs() > threshold)
-    by_unit = weight_by_unit if weight_by_unit is not None else weight.t().contiguous()  # W2 (H, C)
+    hidden, by_unit = _kernel_inputs(hidden, weight, bias, threshold, weight_by_unit, contiguous=True)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and checked by the tests
         warnings.simplefilter("ignore", UserWarning)
         output = torch.sparse.mm(hidden.to_sparse_csr(), by_unit)  # sum_{j: h[t,j] != 0} h[t, j] W2[j, :]
@@ -155,19 +183,7 @@ def gather_second_projection(
 
     Derived in notebooks/part3_deft/23_sparse_inference.ipynb.
     """
-    _check_hidden(hidden, weight, bias)
-    if threshold < 0:
-        raise ValueError(f"threshold must be >= 0, got {threshold}")
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden and weight must have the same dtype, got {hidden.dtype} and {weight.dtype}")
-    by_unit = weight_by_unit if weight_by_unit is not None else weight.t().contiguous()  # W2 (H, C)
-    if tuple(by_unit.shape) != (weight.shape[1], weight.shape[0]):
-        raise ValueError(
-            f"weight_by_unit must be the (H, C) = {(weight.shape[1], weight.shape[0])} transpose of weight, "
-            f"got {tuple(by_unit.shape)}"
-        )
-    if threshold > 0:
-        hidden = hidden * (hidden.abs() > threshold)
+    hidden, by_unit = _kernel_inputs(hidden, weight, bias, threshold, weight_by_unit, contiguous=True)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": only its index arrays are used
         warnings.simplefilter("ignore", UserWarning)
         sparse = hidden.to_sparse_csr()
@@ -231,8 +247,6 @@ def second_projection_names(model: nn.Module) -> list[str]:
 
     Derived in notebooks/part3_deft/23_sparse_inference.ipynb.
     """
-    from course_lib.deft.sparsify import SparseActivation, second_projection_name
-
     return [second_projection_name(name) for name, module in model.named_modules() if isinstance(module, SparseActivation)]
 
 
