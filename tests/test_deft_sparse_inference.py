@@ -136,21 +136,23 @@ def test_module_keeps_the_input_shape(mode):
     torch.testing.assert_close(output, linear(hidden), atol=1e-6, rtol=1e-5)
 
 
-def test_gather_kernel_bad_input_errors():
+@pytest.mark.parametrize("mode", MODES)
+def test_every_kernel_bad_input_errors(mode):
+    kernel = SPARSE_PROJECTION_MODES[mode]
     linear = nn.Linear(16, 8)
     weight, bias = linear.weight.detach(), linear.bias.detach()
     with pytest.raises(ValueError, match=r"\(tokens, H\)"):
-        gather_second_projection(torch.zeros(2, 3, 16), weight, bias)
+        kernel(torch.zeros(2, 3, 16), weight, bias)
     with pytest.raises(ValueError, match="hidden width"):
-        gather_second_projection(torch.zeros(3, 15), weight, bias)
+        kernel(torch.zeros(3, 15), weight, bias)
     with pytest.raises(ValueError, match="bias must be"):
-        gather_second_projection(torch.zeros(3, 16), weight, torch.zeros(7))
+        kernel(torch.zeros(3, 16), weight, torch.zeros(7))
     with pytest.raises(ValueError, match="weight_by_unit"):
-        gather_second_projection(torch.zeros(3, 16), weight, bias, weight_by_unit=weight)  # (C, H), not (H, C)
+        kernel(torch.zeros(3, 16), weight, bias, weight_by_unit=weight)  # (C, H), not (H, C)
     with pytest.raises(ValueError, match="dtype"):
-        gather_second_projection(torch.zeros(3, 16, dtype=torch.float64), weight, bias)
+        kernel(torch.zeros(3, 16, dtype=torch.float64), weight, bias)
     with pytest.raises(ValueError, match="threshold"):
-        gather_second_projection(torch.zeros(3, 16), weight, bias, threshold=-1.0)
+        kernel(torch.zeros(3, 16), weight, bias, threshold=-1.0)
 
 
 def test_module_bad_mode_and_type_errors():
