@@ -105,6 +105,36 @@ def test_run_setting_end_to_end_and_summary():
     assert table["seeds"] == [0, 1, 2]
 
 
+def test_precomputed_queries_give_the_same_logits_as_the_query_encoder(model_config, bank_set):
+    """run_setting hands the model its retrieval queries (bank rows for the plain training set, the
+    test set encoded once); the logits must be those of the model computing them itself."""
+    from course_lib.points.point_mae import extract_features
+
+    model, _ = build_setting(SettingRun("point_peft", 0, TINY_RECIPE), model_config, bank_set)
+    model.eval()
+    points = torch.stack([bank_set[i][0] for i in range(6)])  # (6, N, 3)
+    indices = torch.arange(6)
+    encoded, _ = extract_features(model.query_encoder, bank_set, batch_size=4)  # (S, C), batched differently
+    with torch.no_grad():
+        computed = model(points, indices=indices)  # eval mode: the query encoder runs
+        from_bank = model(points, indices=indices, query_features=model.bank_features[indices])
+        from_encoded = model(points, indices=indices, query_features=encoded[indices])
+    torch.testing.assert_close(from_bank, computed, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(from_encoded, computed, atol=1e-5, rtol=1e-5)
+
+
+def test_running_stats_accuracy_is_measured_only_when_asked():
+    import dataclasses
+
+    asked = run_setting(SettingRun("lora", 0, TINY_RECIPE))
+    assert 0.0 <= asked["acc_running_bn_stats"] <= 1.0
+    not_asked = run_setting(SettingRun("lora", 0, dataclasses.replace(TINY_RECIPE, running_stats_accuracy=False)))
+    assert "acc_running_bn_stats" not in not_asked
+    assert not_asked["acc"] == asked["acc"]  # the same seeded run, tested once instead of twice
+    no_precise = run_setting(SettingRun("lora", 0, dataclasses.replace(TINY_RECIPE, precise_batch_norm=False)))
+    assert no_precise["acc"] == no_precise["acc_running_bn_stats"]
+
+
 def test_runs_in_worker_processes_equal_runs_here():
     runs = [SettingRun("linear_probe", seed, TINY_RECIPE) for seed in (0, 1)]
     here = run_settings(runs, workers=1, progress=False)

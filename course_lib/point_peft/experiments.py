@@ -149,6 +149,10 @@ class PointRecipe:
         lr: full fine-tuning and from scratch; peft_lr: every other trained setting.
         lora_rank: LoRA's r (alpha = 2 r).
         activation_batch: batch size for the activation-memory meter (one training step).
+        precise_batch_norm: recompute the trained BatchNorms' statistics over the training set
+            before testing (`recalibrate_batch_norm`).
+        running_stats_accuracy: with precise BN, also test before it, with the running
+            statistics training left ("acc_running_bn_stats"): one more pass over the test set.
 
     Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
     """
@@ -170,6 +174,7 @@ class PointRecipe:
     lora_rank: int = 8
     precise_batch_norm: bool = True
     activation_batch: int = 32
+    running_stats_accuracy: bool = True
 
     def __post_init__(self) -> None:
         if self.variant not in SHAPE_VARIANTS:
@@ -209,10 +214,13 @@ class SettingRun:
 
 
 class _DictDataset(Dataset):
-    """(points, label) items as {"points", "labels"} dicts, plus "indices" (the bank rows)."""
+    """(points, label) items as {"points", "labels"} dicts, plus "indices" (the bank rows) and
+    "query_features" (row `index` of `query_features` (S, C): the item's retrieval query, given)."""
 
-    def __init__(self, dataset: Dataset, with_indices: bool) -> None:
-        self.dataset, self.with_indices = dataset, with_indices
+    def __init__(self, dataset: Dataset, with_indices: bool, query_features: Tensor | None = None) -> None:
+        if query_features is not None and len(query_features) != len(dataset):
+            raise ValueError(f"{len(query_features)} query features for {len(dataset)} items")
+        self.dataset, self.with_indices, self.query_features = dataset, with_indices, query_features
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -222,6 +230,8 @@ class _DictDataset(Dataset):
         item = {"points": points, "labels": label}
         if self.with_indices:
             item["indices"] = index
+        if self.query_features is not None:
+            item["query_features"] = self.query_features[index]
         return item
 
 
@@ -309,11 +319,13 @@ def _classification_head(model: nn.Module) -> ClassificationHead:
 
 def fit_head_on_features(
     model: nn.Module, dataset: Dataset, *, epochs: int, lr: float, weight_decay: float, batch_size: int = 32,
-    seed: int = 0, with_indices: bool = False,
+    seed: int = 0, with_indices: bool = False, query_features: Tensor | None = None,
 ) -> list[float]:  # fmt: skip
     """Fit the model's `ClassificationHead` alone on the head inputs [CLS, max over tokens] (2C) of
     `dataset`, computed once with the model in eval mode (no augmentation). Returns the mean loss
-    per epoch. The rest of the model is untouched; the head ends in train mode.
+    per epoch. The rest of the model is untouched; the head ends in train mode. `query_features`
+    (S, C), row i for `dataset[i]`: retrieval queries given to the model instead of computed
+    (a Point-PEFT model's own bank rows, when `dataset` is the bank's training set).
 
     Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
     """
@@ -324,7 +336,7 @@ def fit_head_on_features(
     model.eval()
     try:
         with torch.no_grad():
-            for batch in DataLoader(_DictDataset(dataset, with_indices), batch_size=64):
+            for batch in DataLoader(_DictDataset(dataset, with_indices, query_features), batch_size=64):
                 _forward_for_batch_norm(model, batch)
     finally:
         hook.remove()
@@ -364,6 +376,16 @@ def _fine_tune(model: nn.Module, run: SettingRun, info: dict[str, Any], train_se
                test_set: Dataset) -> dict[str, Any]:  # fmt: skip
     recipe = run.recipe
     with_indices = info["uses_indices"]
+    # Retrieval queries of the un-augmented clouds, computed once per run: the frozen query
+    # encoder's feature of a cloud never changes, so the plain training set reads its own bank
+    # rows (the bank holds exactly those features) and the test set is encoded once, instead of
+    # one query-encoder pass per forward (head fit, both evaluations, precise BN). The augmented
+    # training batches are untouched (bank_query_in_training decides what they query with).
+    train_queries = test_queries = None
+    if with_indices:
+        train_queries = model.bank_features  # (S, C): row i is plain_train_set[i]
+        test_queries, _ = extract_features(model.query_encoder, test_set, batch_size=64)  # (S_test, C)
+    plain_train_items = _DictDataset(plain_train_set, with_indices, train_queries)
     train_loader = DataLoader(
         _DictDataset(train_set, with_indices), batch_size=recipe.batch_size, shuffle=True, drop_last=True,
         generator=torch.Generator().manual_seed(run.seed),
@@ -375,7 +397,7 @@ def _fine_tune(model: nn.Module, run: SettingRun, info: dict[str, Any], train_se
         set_seed(run.seed)
         head_fit_losses = fit_head_on_features(
             model, plain_train_set, epochs=recipe.head_fit_epochs, lr=recipe.lr, weight_decay=recipe.weight_decay,
-            batch_size=recipe.batch_size, seed=run.seed, with_indices=with_indices,
+            batch_size=recipe.batch_size, seed=run.seed, with_indices=with_indices, query_features=train_queries,
         )  # fmt: skip
     histories = []
     for phase, num_epochs in (("head", recipe.head_epochs), ("setting", recipe.num_epochs)):
@@ -391,19 +413,22 @@ def _fine_tune(model: nn.Module, run: SettingRun, info: dict[str, Any], train_se
 
     # activation memory of one training step: tensors saved for backward, parameters excluded
     model.train()
-    batch = next(iter(DataLoader(_DictDataset(plain_train_set, with_indices), batch_size=recipe.activation_batch)))
+    batch = next(iter(DataLoader(plain_train_items, batch_size=recipe.activation_batch)))
     memory = measure_activation_memory(lambda: _classification_loss(model, batch)[0], model, backward=False)
 
-    test_loader = DataLoader(_DictDataset(test_set, False), batch_size=64)
-    running_accuracy = evaluate(model, test_loader, _classification_loss)["accuracy"]
+    test_loader = DataLoader(_DictDataset(test_set, False, test_queries), batch_size=64)
+    measured: dict[str, Any] = {}
+    if recipe.running_stats_accuracy or not recipe.precise_batch_norm:
+        measured["acc_running_bn_stats"] = evaluate(model, test_loader, _classification_loss)["accuracy"]
     if recipe.precise_batch_norm:
-        recalibrate_batch_norm(model, _DictDataset(plain_train_set, with_indices), batch_size=recipe.batch_size,
+        recalibrate_batch_norm(model, plain_train_items, batch_size=recipe.batch_size,
                                forward=_forward_for_batch_norm)  # fmt: skip
-    accuracy = evaluate(model, test_loader, _classification_loss)["accuracy"]
+        measured["acc"] = evaluate(model, test_loader, _classification_loss)["accuracy"]
+    else:
+        measured["acc"] = measured["acc_running_bn_stats"]  # nothing recomputed: one test pass
     setting_history = histories[-1]
     return {
-        "acc": accuracy,
-        "acc_running_bn_stats": running_accuracy,
+        **measured,
         "sec_per_epoch": statistics.median(setting_history.epoch_seconds),
         "sec_per_step": setting_history.seconds_per_step,
         "activation_mib": memory.activation_mib,
@@ -418,7 +443,8 @@ def run_setting(run: SettingRun) -> dict[str, Any]:
 
     Keys: setting, label, seed, variant, acc, trainable, total, trainable_pct, sec_per_epoch,
     activation_mib (one training step at `recipe.activation_batch` shapes, parameters excluded;
-    0 for the probe), train_loss (per epoch), seconds (the whole run).
+    0 for the probe), train_loss (per epoch), seconds (the whole run); acc_running_bn_stats (the
+    accuracy before precise BN) when the recipe asks for it.
 
     Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
     """
