@@ -1,0 +1,206 @@
+"""A disk cache of finished training runs, so that a long notebook resumes instead of restarting.
+
+Notebook 16 trains dozens of (setting, seed, variant) runs in one cell. If the kernel dies, a
+cell times out or the learner presses Ctrl-C, every finished run would be lost; with this cache
+each run's result row is written to disk the moment the run ends, under a key made of everything
+that decides it, and the next execution reads it back instead of training again:
+
+    cache = RunCache("point_peft")                                 # .cache/runs/point_peft/
+    key = {"run": run.to_dict(), "data": file_version(shapes_path("pb_t50_rs")),
+           "checkpoint": file_version(default_checkpoint_path()),
+           "code": code_version(course_lib.point_peft, course_lib.train)}
+    row = cache.run(key, lambda: run_setting(run))                 # trains once, then reads back
+
+- The key is a JSON-able dict; its SHA-256 (over canonical JSON) names the entry. A changed
+  config, seed, data file, checkpoint or source file gives another key, so only the runs it
+  touches are trained again. `code_version` hashes the source files of the modules named, so
+  an edit to them invalidates their runs (and only theirs).
+- An entry is written through a temporary file and a rename: an interrupted run leaves no entry
+  and a reader never sees half a file. An entry that cannot be read, or whose stored key is not
+  the key asked for, counts as missing (and is replaced by the fresh run).
+- Values are JSON (result rows: numbers, strings, lists, dicts): what a notebook tabulates.
+- `COURSE_FRESH_RUNS=1` (or `RunCache(..., enabled=False)`) ignores the entries and trains
+  every run again, writing the new results over the old ones.
+
+The cache lives in `config.CACHE_DIR` (`.cache/` of the clone): deleting it is always safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import tempfile
+import types
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import torch
+
+from course_lib import config
+
+__all__ = [
+    "RunCache",
+    "run_key_digest",
+    "file_version",
+    "content_version",
+    "code_version",
+    "function_version",
+    "fresh_runs_requested",
+]
+
+T = TypeVar("T")
+FORMAT_VERSION = 1
+_FILE_VERSIONS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
+
+
+def fresh_runs_requested() -> bool:
+    """True when the environment variable COURSE_FRESH_RUNS is 1/true/yes/on (read each call)."""
+    return os.environ.get("COURSE_FRESH_RUNS", "0").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def run_key_digest(key: dict[str, Any]) -> str:
+    """SHA-256 (hex) of `key` as canonical JSON (sorted keys, no spaces): the entry's name."""
+    if not isinstance(key, dict):
+        raise TypeError(f"a run key must be a dict of what decides the run, got {type(key).__name__}")
+    try:
+        text = json.dumps(key, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"a run key must be plain JSON (str, numbers, lists, dicts, no NaN): {error}") from None
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_version(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (a data set, a checkpoint), computed once per process per version."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: its version cannot enter a run key (run `make data`?)")
+    stat = path.stat()
+    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo not in _FILE_VERSIONS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _FILE_VERSIONS[memo] = digest.hexdigest()
+    return _FILE_VERSIONS[memo]
+
+
+def content_version(*values: Any) -> str:
+    """SHA-256 of plain-JSON values (a generated data set's texts and labels, ...), in order."""
+    if not values:
+        raise ValueError("pass the values whose content decides the result, e.g. content_version(texts, labels)")
+    try:
+        text = json.dumps(list(values), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"content_version takes plain JSON values (lists of str/int/float, dicts): {error}") from None
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def function_version(function: Callable[..., Any]) -> str:
+    """SHA-256 of a function's source: a notebook's own training function enters the key this way,
+    so editing it invalidates its runs (works for functions defined in notebook cells too)."""
+    try:
+        source = inspect.getsource(function)
+    except (TypeError, OSError) as error:
+        raise TypeError(f"function_version needs a Python function whose source can be read: {error}") from None
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def code_version(*modules: types.ModuleType) -> str:
+    """SHA-256 over the source of `modules` (a package counts with every .py file under it),
+    plus the torch version: what changes when the code that produces a result changes."""
+    if not modules:
+        raise ValueError("name the modules whose code decides the result, e.g. code_version(course_lib.train)")
+    files: set[Path] = set()
+    for module in modules:
+        if not isinstance(module, types.ModuleType) or getattr(module, "__file__", None) is None:
+            raise TypeError(f"code_version takes imported modules with source files, got {module!r}")
+        source = Path(module.__file__)
+        files.update(source.parent.rglob("*.py") if source.name == "__init__.py" else [source])
+    digest = hashlib.sha256(f"torch {torch.__version__}\n".encode())
+    for file in sorted(files):
+        digest.update(f"{file.name}\n".encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+class RunCache:
+    """Finished runs of one experiment, one JSON file per run key (see the module doc).
+
+    Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb (where a cell that times
+    out or a kernel that dies keeps every finished run).
+    """
+
+    def __init__(self, name: str, *, root: str | os.PathLike | None = None, enabled: bool | None = None) -> None:
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"a run cache name is one plain folder name (e.g. 'point_peft'), got {name!r}")
+        base = Path(root) if root is not None else config.CACHE_DIR / "runs"
+        self.folder = base / ("fast" if config.is_fast() else "full") / name
+        self.enabled = (not fresh_runs_requested()) if enabled is None else enabled
+        self.hits = 0  # runs read back since this object was made
+        self.misses = 0  # runs computed
+
+    def path(self, key: dict[str, Any]) -> Path:
+        """Where the run of `key` is (or would be) stored."""
+        return self.folder / f"{run_key_digest(key)}.json"
+
+    def get(self, key: dict[str, Any]) -> Any | None:
+        """The stored value of `key`, or None (not stored, unreadable, another key, or disabled)."""
+        if not self.enabled:
+            return None
+        path = self.path(key)
+        try:
+            entry = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None  # missing, or not ours to trust: the run is computed again
+        if not isinstance(entry, dict) or entry.get("format_version") != FORMAT_VERSION or entry.get("key") != key:
+            return None
+        return entry["value"]
+
+    def put(self, key: dict[str, Any], value: Any) -> Path:
+        """Store `value` (JSON) for `key` atomically; returns the entry's path."""
+        path = self.path(key)
+        try:
+            text = json.dumps({"format_version": FORMAT_VERSION, "key": key, "value": value}, allow_nan=True)
+        except TypeError as error:
+            raise TypeError(f"a cached run's value must be JSON (numbers, strings, lists, dicts): {error}") from None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        except OSError as error:
+            raise OSError(
+                f"cannot write the run cache in {path.parent} ({error.strerror}): make it writable, point "
+                "COURSE_CACHE_DIR at a writable folder, or pass RunCache(..., enabled=False)"
+            ) from error
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        return path
+
+    def run(self, key: dict[str, Any], compute: Callable[[], T]) -> T:
+        """The stored value of `key` if there is one, else `compute()`, stored once it returns."""
+        value = self.get(key)
+        if value is not None:
+            self.hits += 1
+            return value
+        value = compute()
+        self.misses += 1
+        self.put(key, value)
+        return value
+
+    def clear(self) -> int:
+        """Delete every entry of this cache; returns how many were deleted."""
+        removed = 0
+        for entry in self.folder.glob("*.json"):
+            entry.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def __repr__(self) -> str:
+        return f"RunCache({self.folder}, enabled={self.enabled}, hits={self.hits}, misses={self.misses})"
