@@ -46,15 +46,17 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from course_lib import config
 from course_lib.meters import count_parameters, measure_activation_memory
 from course_lib.peft import inject_peft
 from course_lib.point_peft.memory_bank import build_memory_bank
 from course_lib.point_peft.model import PointPEFTConfig, PointPEFTModel
-from course_lib.points.checkpoint import load_pretrained_point_mae
-from course_lib.points.datasets import SHAPE_VARIANTS, load_shapes
+from course_lib.points.checkpoint import default_checkpoint_path, load_pretrained_point_mae
+from course_lib.points.datasets import SHAPE_VARIANTS, load_shapes, shapes_path
 from course_lib.points.point_mae import ClassificationHead, PointMAEConfig, PointMAEEncoder, extract_features
 from course_lib.points.pretrain import linear_probe_accuracy
 from course_lib.points.transforms import random_scale_translate, rotate_about_up_axis
+from course_lib.run_cache import RunCache, code_version, file_version
 from course_lib.train import evaluate, recalibrate_batch_norm, set_seed, train
 
 __all__ = [
@@ -69,6 +71,7 @@ __all__ = [
     "build_setting",
     "fit_head_on_features",
     "run_setting",
+    "setting_run_key",
     "run_settings",
     "summarize",
 ]
@@ -478,28 +481,93 @@ def run_setting(run: SettingRun) -> dict[str, Any]:
     }
 
 
+def setting_run_key(run: SettingRun) -> dict[str, Any]:
+    """Everything that decides `run_setting(run)`'s row, as a `RunCache` key: the run (setting,
+    seed, label, recipe, Point-PEFT options), the versions of its shape set and of the shipped
+    checkpoint, the code of the modules it runs, and the fast switch.
+
+    Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
+    """
+    import course_lib.meters
+    import course_lib.peft
+    import course_lib.point_peft
+    import course_lib.points
+    import course_lib.train
+
+    point_peft = run.point_peft or tiny_point_peft_config()
+    return {
+        "run": {
+            "setting": run.setting,
+            "seed": run.seed,
+            "label": run.name,
+            "recipe": run.recipe.to_dict(),
+            "point_peft": point_peft.to_dict() if run.setting in ("prompt_only", "adapter_only", "point_peft") else None,
+        },
+        "data": file_version(shapes_path(run.recipe.variant)),
+        "checkpoint": file_version(default_checkpoint_path()),
+        "code": code_version(course_lib.point_peft, course_lib.points, course_lib.train, course_lib.peft,
+                             course_lib.meters),  # fmt: skip
+        "fast": config.is_fast(),
+    }
+
+
 def run_settings(
-    runs: Sequence[SettingRun], *, workers: int = 1, progress: bool = True, threads_per_worker: int = 1
+    runs: Sequence[SettingRun],
+    *,
+    workers: int = 1,
+    progress: bool = True,
+    threads_per_worker: int = 1,
+    cache: RunCache | None = None,
 ) -> list[dict[str, Any]]:
     """`run_setting` for every run, in `workers` processes (1: in this process); rows in `runs` order.
 
     Each worker process runs torch on `threads_per_worker` threads (small matrices: one thread
     each and one process per core beats two threads in one process on a shared machine).
+    With a `cache` (`course_lib.run_cache.RunCache`), a run whose `setting_run_key` is stored is
+    read back instead of trained, and every run is stored the moment it finishes: an execution
+    stopped by a timeout, a crash or Ctrl-C loses only the runs that were still training.
 
     Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     runs = list(runs)
-    if workers == 1:
-        return [run_setting(run) for run in tqdm(runs, disable=not progress, desc="runs")]
     rows: list[dict[str, Any] | None] = [None] * len(runs)
+    keys = [setting_run_key(run) for run in runs] if cache is not None else []
+    todo = []
+    for i in range(len(runs)):
+        stored = cache.get(keys[i]) if cache is not None else None
+        if stored is None:
+            todo.append(i)
+        else:
+            rows[i] = stored
+            cache.hits += 1  # type: ignore[union-attr]
+
+    def finish(i: int, row: dict[str, Any]) -> None:
+        rows[i] = row
+        if cache is not None:
+            cache.put(keys[i], row)
+            cache.misses += 1
+
+    if workers == 1 or len(todo) <= 1:
+        for i in tqdm(todo, disable=not progress, desc="runs"):
+            finish(i, run_setting(runs[i]))
+        return rows  # type: ignore[return-value]
     context = multiprocessing.get_context("spawn")  # fresh interpreters: safe from a notebook kernel
     initializer = functools.partial(torch.set_num_threads, threads_per_worker)  # picklable, unlike a lambda
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=initializer) as pool:
-        futures = {pool.submit(run_setting, run): i for i, run in enumerate(runs)}
-        for future in tqdm(as_completed(futures), total=len(runs), disable=not progress, desc="runs"):
-            rows[futures[future]] = future.result()
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=initializer)
+    try:
+        futures = {pool.submit(run_setting, runs[i]): i for i in todo}
+        for future in tqdm(as_completed(futures), total=len(futures), disable=not progress, desc="runs"):
+            finish(futures[future], future.result())
+    except BaseException:
+        # Ctrl-C, a cell timeout or a failed run: drop the queued runs and stop the running ones
+        # now (the finished ones are stored), instead of waiting for the whole grid to finish.
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        raise
+    pool.shutdown()
     return rows  # type: ignore[return-value]
 
 
