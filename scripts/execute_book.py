@@ -9,6 +9,11 @@ build that follows finds every notebook executed and only renders. A notebook th
 cached is skipped; one that fails is reported and left uncached (the book build then runs it
 again and shows the error).
 
+A cell timeout or a dead kernel is retried once (`--attempts`): the results notebooks store each
+finished training run on disk (`course_lib.run_cache`), so the retry resumes instead of
+starting over. Each notebook's time and its longest cell against the cell timeout are printed
+and written to results/book_execution.json (a longest cell over half its timeout is flagged).
+
     python scripts/execute_book.py [--workers 2] [--timeout 1800]
 
 Run it in full mode (COURSE_FAST unset), as `make book` does.
@@ -49,22 +54,57 @@ def toc_notebooks(toc_path: Path) -> list[Path]:
     return [REPO_ROOT / f"{name}.ipynb" for name in files if (REPO_ROOT / f"{name}.ipynb").exists()]
 
 
-def execute(path: str, timeout: int) -> tuple[str, nbformat.NotebookNode, float, str | None]:
-    """Run one notebook in its own folder, as Jupyter Book does; (path, notebook, seconds, error)."""
+def longest_cell_seconds(notebook: nbformat.NotebookNode) -> float:
+    """The longest code cell of an executed notebook, from nbclient's timing records (0 if none)."""
+    from datetime import datetime
+
+    longest = 0.0
+    for cell in notebook.cells:
+        timing = cell.get("metadata", {}).get("execution", {})
+        start, end = timing.get("iopub.execute_input"), timing.get("shell.execute_reply")
+        if start and end:
+            seconds = (datetime.fromisoformat(end.replace("Z", "+00:00"))
+                       - datetime.fromisoformat(start.replace("Z", "+00:00"))).total_seconds()  # fmt: skip
+            longest = max(longest, seconds)
+    return longest
+
+
+def cell_timeout(notebook: nbformat.NotebookNode, default: int) -> int:
+    """The per-cell timeout a notebook states (metadata execution.timeout), else `default`."""
+    return int(notebook.metadata.get("execution", {}).get("timeout", default))
+
+
+def execute(path: str, timeout: int, attempts: int = 2) -> tuple[str, nbformat.NotebookNode, float, str | None, int]:
+    """Run one notebook in its own folder, as Jupyter Book does: (path, notebook, seconds, error,
+    attempts used). A cell timeout or a dead kernel is retried (`attempts` in all): the results
+    notebooks store every finished training run (`course_lib.run_cache`), so the retry resumes
+    where the first try stopped instead of starting over. A cell that raises is not retried."""
     from jupyter_cache.executors.utils import single_nb_execution
 
-    notebook = nbformat.read(path, as_version=4)
-    result = single_nb_execution(notebook, cwd=str(Path(path).parent), timeout=timeout, allow_errors=False,
-                                 meta_override=True)  # fmt: skip
-    return path, notebook, result.time, result.exc_string if result.err is not None else None
+    seconds = 0.0
+    for attempt in range(1, attempts + 1):
+        notebook = nbformat.read(path, as_version=4)
+        result = single_nb_execution(notebook, cwd=str(Path(path).parent), timeout=timeout, allow_errors=False,
+                                     meta_override=True, record_timing=True)  # fmt: skip
+        seconds += result.time
+        error = result.exc_string if result.err is not None else None
+        retry = error is not None and any(kind in error for kind in ("CellTimeoutError", "DeadKernelError"))
+        if not retry or attempt == attempts:
+            return path, notebook, seconds, error, attempt
+        print(f"  {Path(path).name}: {type(result.err).__name__} after {result.time:.0f} s, retrying "
+              f"(finished runs are read back from the run cache)", flush=True)  # fmt: skip
+    raise AssertionError("unreachable")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="notebooks run at once")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per cell (book.yml's execute.timeout)")
+    parser.add_argument("--attempts", type=int, default=2, help="tries per notebook when a cell times out")
     parser.add_argument("--dry-run", action="store_true", help="list the notebooks that would run, run none")
     args = parser.parse_args()
+    if args.attempts < 1:
+        parser.error(f"--attempts must be at least 1, got {args.attempts}")
     if os.environ.get("COURSE_FAST"):
         print("execute_book: COURSE_FAST is set; the book shows full-mode results, run it without", file=sys.stderr)
         return 2
@@ -94,22 +134,44 @@ def main() -> int:
         print("\n".join(f"would run {Path(p).relative_to(REPO_ROOT)} (last run: {previous.get(p, 'never')} s)" for p in missing))
         return 0
     print(f"execute_book: running {len(missing)} notebook(s), {args.workers} at a time", flush=True)
-    start, failures = time.perf_counter(), []
+    start, failures, report = time.perf_counter(), [], {}
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        futures = [pool.submit(execute, path, args.timeout) for path in missing]
+        futures = [pool.submit(execute, path, args.timeout, args.attempts) for path in missing]
         for future in as_completed(futures):
-            path, notebook, seconds, error = future.result()
+            path, notebook, seconds, error, attempts = future.result()
             name = Path(path).relative_to(REPO_ROOT)
+            timeout = cell_timeout(notebook, args.timeout)
+            longest = longest_cell_seconds(notebook)
+            report[str(name)] = {"seconds": round(seconds, 1), "longest_cell_seconds": round(longest, 1),
+                                 "cell_timeout_seconds": timeout, "longest_cell_over_timeout": round(longest / timeout, 3),
+                                 "attempts": attempts, "failed": error is not None}  # fmt: skip
             if error is not None:
                 failures.append(name)
-                print(f"  FAILED {name} after {seconds:.0f} s:\n{error}", flush=True)
+                print(f"  FAILED {name} after {seconds:.0f} s ({attempts} attempt(s)):\n{error}", flush=True)
                 continue
             record = cache.add_nb_to_project(path)
             cache.cache_notebook_bundle(CacheBundleIn(notebook, record.uri, data={"execution_seconds": seconds}),
                                         check_validity=False, overwrite=True)  # fmt: skip
-            print(f"  {name}: {seconds:.0f} s (elapsed {time.perf_counter() - start:.0f} s)", flush=True)
-    print(f"execute_book: done in {time.perf_counter() - start:.0f} s, {len(failures)} failed", flush=True)
+            budget = "" if longest <= 0.5 * timeout else "  <- over half the cell timeout"
+            print(f"  {name}: {seconds:.0f} s, longest cell {longest:.0f} s of its {timeout} s timeout "
+                  f"({longest / timeout:.2f}){'' if attempts == 1 else f', {attempts} attempts'} "
+                  f"(elapsed {time.perf_counter() - start:.0f} s){budget}", flush=True)  # fmt: skip
+    total = time.perf_counter() - start
+    print(f"execute_book: done in {total:.0f} s, {len(failures)} failed", flush=True)
+    write_report(report, total, args.workers)
     return 1 if failures else 0
+
+
+def write_report(report: dict, total_seconds: float, workers: int) -> None:
+    """results/book_execution.json: each notebook's time, longest cell against its timeout, tries."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from course_lib.results import results_path, write_json
+
+    write_json(results_path("book_execution"), {
+        "total_seconds": round(total_seconds, 1), "workers": workers, "cpus": os.cpu_count(),
+        "max_longest_cell_over_timeout": max((row["longest_cell_over_timeout"] for row in report.values()), default=0.0),
+        "notebooks": dict(sorted(report.items())),
+    })  # fmt: skip
 
 
 if __name__ == "__main__":

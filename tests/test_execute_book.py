@@ -1,0 +1,72 @@
+"""scripts/execute_book.py: a timed-out notebook is retried once (resuming from the run cache),
+a failing cell is not, and each notebook's longest cell is measured against its timeout."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import nbformat
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def execute_book():
+    spec = importlib.util.spec_from_file_location("execute_book", REPO_ROOT / "scripts" / "execute_book.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _notebook(*sources: str, timeout: int | None = None) -> nbformat.NotebookNode:
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in sources])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    if timeout is not None:
+        notebook.metadata["execution"] = {"timeout": timeout}
+    return notebook
+
+
+def test_longest_cell_and_stated_timeout(execute_book):
+    notebook = _notebook("a = 1", "b = 2", "c = 3", timeout=120)
+    notebook.cells[0].metadata["execution"] = {"iopub.execute_input": "2026-12-06T10:00:00.000Z",
+                                               "shell.execute_reply": "2026-12-06T10:00:02.500Z"}  # fmt: skip
+    notebook.cells[1].metadata["execution"] = {"iopub.execute_input": "2026-12-06T10:00:03Z",
+                                               "shell.execute_reply": "2026-12-06T10:01:03Z"}  # fmt: skip
+    assert execute_book.longest_cell_seconds(notebook) == pytest.approx(60.0)
+    assert execute_book.cell_timeout(notebook, 1800) == 120
+    assert execute_book.cell_timeout(_notebook("x = 1"), 1800) == 1800
+
+
+class _Result:
+    def __init__(self, time, err=None, exc_string=None):
+        self.time, self.err, self.exc_string = time, err, exc_string
+
+
+def test_a_timeout_is_retried_once_and_a_raising_cell_is_not(execute_book, tmp_path, monkeypatch):
+    import jupyter_cache.executors.utils as utils
+
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(_notebook("x = 1"), path)
+    outcomes = [_Result(30.0, TimeoutError(), "nbclient.exceptions.CellTimeoutError: cell timed out"), _Result(10.0)]
+    monkeypatch.setattr(utils, "single_nb_execution", lambda *a, **k: outcomes.pop(0))
+    _, _, seconds, error, attempts = execute_book.execute(str(path), 60)
+    assert (seconds, error, attempts) == (40.0, None, 2)  # both tries count in the notebook's time
+
+    outcomes = [_Result(5.0, ValueError(), "ValueError: an assertion of the notebook"), _Result(1.0)]
+    _, _, seconds, error, attempts = execute_book.execute(str(path), 60)
+    assert attempts == 1 and "ValueError" in error and len(outcomes) == 1  # a real error is not retried
+
+    outcomes = [_Result(60.0, TimeoutError(), "CellTimeoutError"), _Result(60.0, TimeoutError(), "CellTimeoutError")]
+    _, _, seconds, error, attempts = execute_book.execute(str(path), 60)
+    assert attempts == 2 and "CellTimeoutError" in error and seconds == 120.0
+
+
+def test_a_real_cell_timeout_is_recognised(execute_book, tmp_path):
+    """nbclient's own exception, through jupyter-cache, is the one the retry looks for."""
+    path = tmp_path / "slow.ipynb"
+    nbformat.write(_notebook("import time\ntime.sleep(30)", timeout=3), path)
+    _, notebook, seconds, error, attempts = execute_book.execute(str(path), 1800, attempts=1)
+    assert attempts == 1 and error is not None and "CellTimeoutError" in error
+    assert seconds < 30
