@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from course_lib.meters.density import ActivationCollector
+from course_lib.meters.density import ActivationCollector, check_mask_values
 from course_lib.train import default_loss, split_batch
 
 __all__ = ["DEFAULT_EPS", "DensitySurrogate", "density_surrogate", "density_loss", "DEFTLoss", "deft_training_step"]
@@ -96,6 +96,7 @@ def _layer_density(
             f"attention_mask of shape {tuple(attention_mask.shape)} does not match the activation's (batch, tokens) = "
             f"{tuple(activation.shape[:2])}; a method that adds tokens (prompt tuning) needs mask_padding=False"
         )
+    check_mask_values(attention_mask)
     keep = attention_mask.to(device=activation.device, dtype=activation.dtype)  # (B, T), 1 = real token
     real_tokens = keep.sum(dim=1).clamp(min=1)  # (B,)
     per_example = (surrogate * keep[:, :, None]).sum(dim=(1, 2)) / (real_tokens * activation.shape[-1])  # (B,)

@@ -25,6 +25,7 @@ from torch import nn
 __all__ = [
     "DEFAULT_ACTIVATION_PATTERNS",
     "find_activation_modules",
+    "check_mask_values",
     "count_active",
     "ActivationCollector",
     "DensityCounter",
@@ -68,6 +69,16 @@ def find_activation_modules(model: nn.Module, module_pattern: str | None = None)
     )
 
 
+def check_mask_values(attention_mask: torch.Tensor) -> None:
+    """Raise a ValueError unless `attention_mask` holds only 0 (padding) and 1 (real token)."""
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError(
+            "attention_mask must hold only 0 (padding) and 1 (real token), got values "
+            f"{torch.unique(attention_mask.detach().float()).tolist()[:6]} (NaN, inf or a soft mask?): pass the "
+            "tokenizer's attention_mask"
+        )
+
+
 def count_active(
     activation: torch.Tensor, threshold: float = 0.0, attention_mask: torch.Tensor | None = None
 ) -> tuple[int, int]:
@@ -78,6 +89,11 @@ def count_active(
     """
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
+    if not bool(torch.isfinite(activation).all()):  # |NaN| > t is False: NaN would count as a zero
+        raise ValueError(
+            f"the activation holds {int((~torch.isfinite(activation)).sum())} NaN or inf value(s): the model "
+            "diverged or its input is broken; a density of such an activation means nothing"
+        )
     active = activation.detach().abs() > threshold  # threshold 0: exact non-zeros
     if attention_mask is None:
         return int(active.sum()), active.numel()
@@ -86,6 +102,7 @@ def count_active(
             f"attention_mask of shape {tuple(attention_mask.shape)} does not match the activation's "
             f"(batch, tokens) = {tuple(activation.shape[:2])}"
         )
+    check_mask_values(attention_mask)
     keep = attention_mask.to(device=active.device, dtype=torch.bool)  # (B, T)
     keep = keep.reshape(*keep.shape, *([1] * (active.dim() - 2)))  # (B, T, 1, ...)
     per_token = active[0, 0].numel() if active.dim() > 2 else 1  # hidden units per token

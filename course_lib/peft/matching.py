@@ -85,8 +85,15 @@ def matching_module_names(
                     if isinstance(module_type, type)
                     else " or ".join(t.__name__ for t in module_type)
                 )
+                found = type(modules[name])
+                if found.__module__.startswith("course_lib.peft"):  # a wrapper this library put there
+                    raise TypeError(
+                        f"{what}={describe_pattern(pattern)} matches {name!r}, which is already a {found.__name__}: "
+                        "a PEFT method was injected into this model before (inject_peft called twice?). Inject "
+                        "once, or call merge_and_unload(model) first to fold the old one in"
+                    )
                 raise TypeError(
-                    f"{what}={describe_pattern(pattern)} matches {name!r}, a {type(modules[name]).__name__}, "
+                    f"{what}={describe_pattern(pattern)} matches {name!r}, a {found.__name__}, "
                     f"but this method needs {expected} modules; narrow the pattern"
                 )
     return names

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from course_lib import config as course_config
 from course_lib.points.point_mae import PointMAEEncoder, extract_features
+from course_lib.points.sampling import check_finite
 
 __all__ = [
     "MemoryBank",
@@ -73,6 +74,7 @@ class MemoryBank:
             )
         if not isinstance(self.encoder_sha256, str) or len(self.encoder_sha256) != 64:
             raise ValueError(f"MemoryBank.encoder_sha256 must be a 64-digit hex string, got {self.encoder_sha256!r}")
+        check_finite(self.features, "MemoryBank.features")  # a NaN row would be retrieved by nobody, silently
 
     @property
     def num_shapes(self) -> int:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from course_lib.point_peft.adapter import BottleneckAdapter
+from course_lib.points.sampling import check_finite
 
 if TYPE_CHECKING:
     from course_lib.point_peft.memory_bank import MemoryBank
@@ -79,6 +80,8 @@ def parameter_free_attention(
         raise ValueError(
             f"query must be (B, C) and bank (S, C) with the same C, got {tuple(query.shape)} and {tuple(bank.shape)}"
         )
+    check_finite(query, "query")  # cosine similarity with a NaN query is NaN for every shape
+    check_finite(bank, "bank")
     S = bank.shape[0]
     limit = S - 1 if exclude_indices is not None else S
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= limit:

@@ -74,6 +74,13 @@ class PointCloudDataset(Dataset):
             raise ValueError(f"points must have shape (S, N, 3), got {tuple(points.shape)}")
         if len(labels) != len(points):
             raise ValueError(f"{len(points)} clouds but {len(labels)} labels")
+        finite = torch.isfinite(points).all(dim=-1)  # (S, N): a NaN/inf point would pass FPS and kNN silently
+        if not bool(finite.all()):
+            clouds = (~finite).any(dim=1).nonzero().squeeze(1).tolist()
+            raise ValueError(
+                f"{int((~finite).sum())} point(s) with NaN or inf coordinates in {len(clouds)} cloud(s) (first: cloud "
+                f"{clouds[0]}): drop those points or clouds, or re-export the data, before building the dataset"
+            )
         if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < len(class_names)):
             raise ValueError(f"labels must lie in [0, {len(class_names) - 1}], got [{int(labels.min())}, {int(labels.max())}]")
         if masks is not None:

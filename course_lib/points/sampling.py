@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["check_point_batch", "farthest_point_sample"]
+__all__ = ["check_point_batch", "check_finite", "farthest_point_sample"]
 
 
 def check_point_batch(points: Tensor, name: str = "points") -> None:
@@ -38,6 +38,23 @@ def check_point_batch(points: Tensor, name: str = "points") -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {points.dtype}")
     if points.shape[1] == 0:
         raise ValueError(f"{name} has no points: shape {tuple(points.shape)}")
+    check_finite(points, name)
+
+
+def check_finite(values: Tensor, name: str) -> None:
+    """Raise a ValueError naming the first NaN/inf of `values` (B, ...) unless all are finite.
+
+    FPS, kNN and ball query would otherwise run on: NaN compares false with everything, so a
+    NaN point is never picked and never anyone's neighbour, and the result looks plausible.
+    """
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()[0].tolist()
+        count = int((~finite).sum())
+        raise ValueError(
+            f"{name} contains {count} NaN or inf value(s), the first at index {tuple(bad)}: remove or repair "
+            "those entries (e.g. drop the points with `x[torch.isfinite(x).all(-1)]`) before passing them in"
+        )
 
 
 def _check_count(count: int, num_points: int, what: str) -> None:
