@@ -5,7 +5,7 @@
 # successful install. Steps:
 #   1. open3d's system libraries (Debian/Ubuntu: libusb-1.0-0, libgl1, libgomp1): installed
 #      with apt-get when we are root, otherwise we stop and print the exact command to run;
-#   2. a Python 3.11 virtual environment in .venv;
+#   2. a Python 3.11, 3.12 or 3.13 virtual environment in .venv (3.10 is refused, with why);
 #   3. the pinned requirements (requirements.lock) and course_lib in editable mode;
 #   4. an import check of the heavy dependencies.
 # The stamp file .venv/.installed is written last, so an interrupted run is redone next time.
@@ -51,13 +51,21 @@ Install them with your system's package manager (Debian names: ${missing_pkgs[*]
 fi
 
 # --- 2. the virtual environment --------------------------------------------------------
-command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found: install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"
+# requirements.lock holds for Python 3.11, 3.12 and 3.13 (3.11 is the one the course runs on in
+# CI; `python scripts/check_locks.py` resolves the lock for the others). Python 3.10 cannot take
+# it: numpy 2.4, matplotlib 3.11 and transformers 5.21+ need 3.11.
+command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found: install Python 3.11-3.13 or run 'make PYTHON=/path/to/python3.12'"
 pyver=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-[ "$pyver" = "3.11" ] || die "the course is pinned for Python 3.11, but $PYTHON is $pyver. Run 'make PYTHON=/path/to/python3.11'."
+case "$pyver" in
+  3.11|3.12|3.13) ;;
+  *) die "the course runs on Python 3.11, 3.12 or 3.13, but $PYTHON is $pyver (numpy 2.4, matplotlib 3.11 and transformers 5.21+ need 3.11 or newer). Run 'make PYTHON=/path/to/python3.12' (or 3.11, 3.13).";;
+esac
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info[:3] < (3, 11, 5))' \
+  || die "$PYTHON is $("$PYTHON" -V 2>&1): the lock needs 3.11.5 or newer (soupsieve 4.1.3). Update Python, or use 3.12 / 3.13."
 if [ -x "$VENV/bin/python" ]; then
   venv_ver=$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo none)
-  if [ "$venv_ver" != "3.11" ]; then
-    say "$VENV has Python $venv_ver: recreating it"
+  if [ "$venv_ver" != "$pyver" ]; then
+    say "$VENV has Python $venv_ver, not $pyver: recreating it"
     rm -rf "$VENV"
   fi
 fi
@@ -68,6 +76,18 @@ fi
 rm -f "$STAMP"
 
 # --- 3. pinned requirements + course_lib -------------------------------------------------
+# torch: the lock pins 2.13.0. For Python 3.11 this machine's pip finds the CPU build on disk;
+# for 3.12 and 3.13 it comes from PyTorch's CPU index first (PyPI's Linux wheel is the CUDA
+# build, several GB). TORCH_INDEX_URL picks another index (https://pypi.org/simple: the CUDA build).
+if [ "$pyver" != "3.11" ] && ! "$VENV/bin/python" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
+  TORCH_INDEX_URL=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}
+  say "installing torch 2.13.0 for Python $pyver from $TORCH_INDEX_URL"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --timeout 30 --retries 1 \
+      --index-url "$TORCH_INDEX_URL" "torch==2.13.0" \
+    || die "could not install torch 2.13.0 from $TORCH_INDEX_URL. With no access to it, run
+    TORCH_INDEX_URL=https://pypi.org/simple make book   (PyPI's CUDA build of torch, several GB)
+or use Python 3.11 on a machine that has the CPU wheel."
+fi
 say "installing the pinned requirements (requirements.lock)"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements.lock
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
