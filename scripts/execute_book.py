@@ -69,6 +69,16 @@ def longest_cell_seconds(notebook: nbformat.NotebookNode) -> float:
     return longest
 
 
+def strip_timing(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Remove nbclient's per-cell timing records (metadata "execution"), in place.
+
+    jupyter-cache hashes every cell's metadata: a notebook stored with them would not match the
+    source notebook, and the book build would execute it all over again."""
+    for cell in notebook.cells:
+        cell.get("metadata", {}).pop("execution", None)
+    return notebook
+
+
 def cell_timeout(notebook: nbformat.NotebookNode, default: int) -> int:
     """The per-cell timeout a notebook states (metadata execution.timeout), else `default`."""
     return int(notebook.metadata.get("execution", {}).get("timeout", default))
@@ -142,6 +152,7 @@ def main() -> int:
             name = Path(path).relative_to(REPO_ROOT)
             timeout = cell_timeout(notebook, args.timeout)
             longest = longest_cell_seconds(notebook)
+            strip_timing(notebook)  # what is cached must hash like the source notebook
             report[str(name)] = {"seconds": round(seconds, 1), "longest_cell_seconds": round(longest, 1),
                                  "cell_timeout_seconds": timeout, "longest_cell_over_timeout": round(longest / timeout, 3),
                                  "attempts": attempts, "failed": error is not None}  # fmt: skip

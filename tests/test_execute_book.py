@@ -70,3 +70,21 @@ def test_a_real_cell_timeout_is_recognised(execute_book, tmp_path):
     _, notebook, seconds, error, attempts = execute_book.execute(str(path), 1800, attempts=1)
     assert attempts == 1 and error is not None and "CellTimeoutError" in error
     assert seconds < 30
+
+
+def test_the_stored_notebook_matches_its_source_in_jupyter_cache(execute_book, tmp_path):
+    """Timing records must not reach the cache: jupyter-cache hashes cell metadata, and a stored
+    notebook that hashes differently from its source is executed again by the book build."""
+    from jupyter_cache import get_cache
+
+    source = _notebook("a = 1", "b = a + 1")
+    executed = nbformat.from_dict(source)
+    for cell in executed.cells:
+        cell.metadata["execution"] = {"iopub.execute_input": "2026-12-06T10:00:00Z",
+                                      "shell.execute_reply": "2026-12-06T10:00:01Z"}  # fmt: skip
+    cache = get_cache(str(tmp_path / "cache"))
+    _, source_hash = cache.create_hashed_notebook(source)
+    _, timed_hash = cache.create_hashed_notebook(executed)
+    assert timed_hash != source_hash  # why strip_timing exists
+    _, stored_hash = cache.create_hashed_notebook(execute_book.strip_timing(executed))
+    assert stored_hash == source_hash
