@@ -563,8 +563,9 @@ def run_settings(
     except BaseException:
         # Ctrl-C, a cell timeout or a failed run: drop the queued runs and stop the running ones
         # now (the finished ones are stored), instead of waiting for the whole grid to finish.
+        workers_running = list((getattr(pool, "_processes", None) or {}).values())  # before shutdown clears it
         pool.shutdown(wait=False, cancel_futures=True)
-        for process in list(getattr(pool, "_processes", {}).values()):
+        for process in workers_running:
             process.terminate()
         raise
     pool.shutdown()
