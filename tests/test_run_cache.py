@@ -188,3 +188,12 @@ def test_content_and_function_versions():
         content_version()
     with pytest.raises(TypeError, match="source can be read"):
         function_version(len)
+
+
+def test_text_run_key_follows_the_task():
+    from course_lib.text import make_sentiment_task, text_run_key
+
+    small, other = make_sentiment_task(8, 4, 4, seed=0), make_sentiment_task(8, 4, 4, seed=1)
+    assert text_run_key(small) == text_run_key(make_sentiment_task(8, 4, 4, seed=0))
+    assert text_run_key(small)["data"] != text_run_key(other)["data"]
+    assert text_run_key(small)["model"] == text_run_key(other)["model"]

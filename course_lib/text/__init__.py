@@ -17,6 +17,7 @@ from course_lib.text.models import (
     mean_pool,
     minilm_path,
     resolve_model,
+    text_run_key,
 )
 from course_lib.text.probe import LinearProbe, fit_linear_probe
 from course_lib.text.task import LABEL_NAMES, TextTask, label_of_clause, make_sentiment_task
@@ -24,6 +25,7 @@ from course_lib.text.task import LABEL_NAMES, TextTask, label_of_clause, make_se
 __all__ = [
     "minilm_path",
     "resolve_model",
+    "text_run_key",
     "load_tokenizer",
     "load_encoder",
     "load_classifier",

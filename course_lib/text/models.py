@@ -25,6 +25,7 @@ __all__ = [
     "load_classifier",
     "mean_pool",
     "encode_sentences",
+    "text_run_key",
 ]
 
 
@@ -147,3 +148,19 @@ def encode_sentences(
     finally:
         encoder.train(was_training)
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
+
+
+def text_run_key(task: Any) -> dict[str, str]:
+    """The data and model parts of a `course_lib.run_cache` key for a run on `task` with the
+    packaged MiniLM: {"data": content hash of every split's texts and labels, "model": SHA-256 of
+    MiniLM's weights}. Notebooks 02 and 32 add their recipe, code and seed to it.
+
+    Derived in notebooks/part1_foundations/02_peft_zoo.ipynb.
+    """
+    from course_lib.run_cache import content_version, file_version
+
+    splits = [task.train, task.validation, task.test]
+    return {
+        "data": content_version(*[[list(split.texts), list(split.labels)] for split in splits]),
+        "model": file_version(minilm_path() / "model.safetensors"),
+    }
