@@ -84,14 +84,24 @@ def cell_timeout(notebook: nbformat.NotebookNode, default: int) -> int:
     return int(notebook.metadata.get("execution", {}).get("timeout", default))
 
 
-def execute(path: str, timeout: int, attempts: int = 2) -> tuple[str, nbformat.NotebookNode, float, str | None, int]:
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's finished (reaped) children and their own
+    reaped children: a notebook's kernel and the worker processes it started."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def execute(path: str, timeout: int, attempts: int = 2) -> tuple[str, nbformat.NotebookNode, float, str | None, int, float]:
     """Run one notebook in its own folder, as Jupyter Book does: (path, notebook, seconds, error,
-    attempts used). A cell timeout or a dead kernel is retried (`attempts` in all): the results
-    notebooks store every finished training run (`course_lib.run_cache`), so the retry resumes
-    where the first try stopped instead of starting over. A cell that raises is not retried."""
+    attempts used, CPU seconds of its kernel and the kernel's workers). A cell timeout or a dead
+    kernel is retried (`attempts` in all): the results notebooks store every finished training
+    run (`course_lib.run_cache`), so the retry resumes where the first try stopped instead of
+    starting over. A cell that raises is not retried."""
     from jupyter_cache.executors.utils import single_nb_execution
 
-    seconds = 0.0
+    seconds, cpu_before = 0.0, children_cpu_seconds()
     for attempt in range(1, attempts + 1):
         notebook = nbformat.read(path, as_version=4)
         result = single_nb_execution(notebook, cwd=str(Path(path).parent), timeout=timeout, allow_errors=False,
@@ -100,7 +110,7 @@ def execute(path: str, timeout: int, attempts: int = 2) -> tuple[str, nbformat.N
         error = result.exc_string if result.err is not None else None
         retry = error is not None and any(kind in error for kind in ("CellTimeoutError", "DeadKernelError"))
         if not retry or attempt == attempts:
-            return path, notebook, seconds, error, attempt
+            return path, notebook, seconds, error, attempt, children_cpu_seconds() - cpu_before
         print(f"  {Path(path).name}: {type(result.err).__name__} after {result.time:.0f} s, retrying "
               f"(finished runs are read back from the run cache)", flush=True)  # fmt: skip
     raise AssertionError("unreachable")
@@ -148,12 +158,12 @@ def main() -> int:
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         futures = [pool.submit(execute, path, args.timeout, args.attempts) for path in missing]
         for future in as_completed(futures):
-            path, notebook, seconds, error, attempts = future.result()
+            path, notebook, seconds, error, attempts, cpu_seconds = future.result()
             name = Path(path).relative_to(REPO_ROOT)
             timeout = cell_timeout(notebook, args.timeout)
             longest = longest_cell_seconds(notebook)
             strip_timing(notebook)  # what is cached must hash like the source notebook
-            report[str(name)] = {"seconds": round(seconds, 1), "longest_cell_seconds": round(longest, 1),
+            report[str(name)] = {"seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1), "longest_cell_seconds": round(longest, 1),
                                  "cell_timeout_seconds": timeout, "longest_cell_over_timeout": round(longest / timeout, 3),
                                  "attempts": attempts, "failed": error is not None}  # fmt: skip
             if error is not None:
@@ -164,11 +174,13 @@ def main() -> int:
             cache.cache_notebook_bundle(CacheBundleIn(notebook, record.uri, data={"execution_seconds": seconds}),
                                         check_validity=False, overwrite=True)  # fmt: skip
             budget = "" if longest <= 0.5 * timeout else "  <- over half the cell timeout"
-            print(f"  {name}: {seconds:.0f} s, longest cell {longest:.0f} s of its {timeout} s timeout "
+            print(f"  {name}: {seconds:.0f} s ({cpu_seconds:.0f} CPU s), longest cell {longest:.0f} s of its {timeout} s timeout "
                   f"({longest / timeout:.2f}){'' if attempts == 1 else f', {attempts} attempts'} "
                   f"(elapsed {time.perf_counter() - start:.0f} s){budget}", flush=True)  # fmt: skip
     total = time.perf_counter() - start
-    print(f"execute_book: done in {total:.0f} s, {len(failures)} failed", flush=True)
+    cpu_total = sum(row["cpu_seconds"] for row in report.values())
+    print(f"execute_book: done in {total:.0f} s, {len(failures)} failed; {cpu_total:.0f} CPU s in all "
+          f"({cpu_total / max(total, 1e-9):.2f} CPUs busy on average)", flush=True)
     write_report(report, total, args.workers)
     return 1 if failures else 0
 
@@ -180,6 +192,7 @@ def write_report(report: dict, total_seconds: float, workers: int) -> None:
 
     write_json(results_path("book_execution"), {
         "total_seconds": round(total_seconds, 1), "workers": workers, "cpus": os.cpu_count(),
+        "total_cpu_seconds": round(sum(row["cpu_seconds"] for row in report.values()), 1),
         "max_longest_cell_over_timeout": max((row["longest_cell_over_timeout"] for row in report.values()), default=0.0),
         "notebooks": dict(sorted(report.items())),
     })  # fmt: skip

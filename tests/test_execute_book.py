@@ -51,15 +51,15 @@ def test_a_timeout_is_retried_once_and_a_raising_cell_is_not(execute_book, tmp_p
     nbformat.write(_notebook("x = 1"), path)
     outcomes = [_Result(30.0, TimeoutError(), "nbclient.exceptions.CellTimeoutError: cell timed out"), _Result(10.0)]
     monkeypatch.setattr(utils, "single_nb_execution", lambda *a, **k: outcomes.pop(0))
-    _, _, seconds, error, attempts = execute_book.execute(str(path), 60)
+    _, _, seconds, error, attempts, _ = execute_book.execute(str(path), 60)
     assert (seconds, error, attempts) == (40.0, None, 2)  # both tries count in the notebook's time
 
     outcomes = [_Result(5.0, ValueError(), "ValueError: an assertion of the notebook"), _Result(1.0)]
-    _, _, seconds, error, attempts = execute_book.execute(str(path), 60)
+    _, _, seconds, error, attempts, _ = execute_book.execute(str(path), 60)
     assert attempts == 1 and "ValueError" in error and len(outcomes) == 1  # a real error is not retried
 
     outcomes = [_Result(60.0, TimeoutError(), "CellTimeoutError"), _Result(60.0, TimeoutError(), "CellTimeoutError")]
-    _, _, seconds, error, attempts = execute_book.execute(str(path), 60)
+    _, _, seconds, error, attempts, _ = execute_book.execute(str(path), 60)
     assert attempts == 2 and "CellTimeoutError" in error and seconds == 120.0
 
 
@@ -67,7 +67,7 @@ def test_a_real_cell_timeout_is_recognised(execute_book, tmp_path):
     """nbclient's own exception, through jupyter-cache, is the one the retry looks for."""
     path = tmp_path / "slow.ipynb"
     nbformat.write(_notebook("import time\ntime.sleep(30)", timeout=3), path)
-    _, notebook, seconds, error, attempts = execute_book.execute(str(path), 1800, attempts=1)
+    _, notebook, seconds, error, attempts, _ = execute_book.execute(str(path), 1800, attempts=1)
     assert attempts == 1 and error is not None and "CellTimeoutError" in error
     assert seconds < 30
 
@@ -88,3 +88,17 @@ def test_the_stored_notebook_matches_its_source_in_jupyter_cache(execute_book, t
     assert timed_hash != source_hash  # why strip_timing exists
     _, stored_hash = cache.create_hashed_notebook(execute_book.strip_timing(executed))
     assert stored_hash == source_hash
+
+
+def test_cpu_seconds_count_the_kernel_and_its_worker_processes(execute_book, tmp_path):
+    """The CPU time of a notebook includes what its own worker processes burn (notebook 16 trains
+    in a process pool): a notebook that spins two processes for about 1 s each reports >= 1.5 s."""
+    path = tmp_path / "busy.ipynb"
+    spin = "def spin(_):\n    import time\n    end = time.process_time() + 1.0\n    while time.process_time() < end:\n        pass\n"
+    pool = ("from concurrent.futures import ProcessPoolExecutor\nimport multiprocessing\n"
+            "with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context('fork')) as pool:\n"
+            "    list(pool.map(spin, range(2)))")
+    nbformat.write(_notebook(spin, pool), path)
+    _, _, seconds, error, attempts, cpu_seconds = execute_book.execute(str(path), 120, attempts=1)
+    assert error is None, error
+    assert cpu_seconds >= 1.5
