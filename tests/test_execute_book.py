@@ -45,7 +45,7 @@ class _Result:
 
 
 def test_a_timeout_is_retried_once_and_a_raising_cell_is_not(execute_book, tmp_path, monkeypatch):
-    import jupyter_cache.executors.utils as utils
+    from jupyter_cache.executors import utils
 
     path = tmp_path / "nb.ipynb"
     nbformat.write(_notebook("x = 1"), path)
@@ -67,7 +67,7 @@ def test_a_real_cell_timeout_is_recognised(execute_book, tmp_path):
     """nbclient's own exception, through jupyter-cache, is the one the retry looks for."""
     path = tmp_path / "slow.ipynb"
     nbformat.write(_notebook("import time\ntime.sleep(30)", timeout=3), path)
-    _, notebook, seconds, error, attempts, _ = execute_book.execute(str(path), 1800, attempts=1)
+    _, _, seconds, error, attempts, _ = execute_book.execute(str(path), 1800, attempts=1)
     assert attempts == 1 and error is not None and "CellTimeoutError" in error
     assert seconds < 30
 
@@ -99,6 +99,6 @@ def test_cpu_seconds_count_the_kernel_and_its_worker_processes(execute_book, tmp
             "with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context('fork')) as pool:\n"
             "    list(pool.map(spin, range(2)))")
     nbformat.write(_notebook(spin, pool), path)
-    _, _, seconds, error, attempts, cpu_seconds = execute_book.execute(str(path), 120, attempts=1)
+    _, _, _, error, _, cpu_seconds = execute_book.execute(str(path), 120, attempts=1)
     assert error is None, error
     assert cpu_seconds >= 1.5
