@@ -46,14 +46,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import torch_environment, write_bench
-from course_lib.meters import interleaved_median_seconds
 from course_lib import config
 from course_lib.config import fast_or_full
 from course_lib.deft import (
@@ -65,9 +65,15 @@ from course_lib.deft import (
     sparsify_activations,
     with_sparse_second_projections,
 )
+from course_lib.meters import interleaved_median_seconds
 from course_lib.peft import inject_peft, merge_and_unload
 from course_lib.results import read_json, results_path
-from course_lib.text import load_classifier, load_tokenizer, make_loader, make_sentiment_task
+from course_lib.text import (
+    load_classifier,
+    load_tokenizer,
+    make_loader,
+    make_sentiment_task,
+)
 from course_lib.train import evaluate, set_seed, train
 
 NAME = "sparse_inference"
@@ -91,9 +97,9 @@ def build_models(task, tokenizer, calibration: list[Any], train_loader, test_loa
         injection = inject_peft(model, "lora", **LORA)
         start = time.perf_counter()
         history = train(model, train_loader, progress=False, **TRAIN)
-        merged = merge_and_unload(model)
+        merge_and_unload(model)  # LoRA folded into W: plain nn.Linear layers again
         info.update(
-            source="trained here", lora_modules=len(injection.replaced), merged_modules=len(merged),
+            source="trained here", lora_modules=len(injection.replaced), merged_modules=len(injection.replaced),
             train_seconds=time.perf_counter() - start, train_steps=history.num_steps,
             seconds_per_step=history.seconds_per_step,
             reference_acc=100.0 * evaluate(model, test_loader)["accuracy"],  # the same model, dense

@@ -156,8 +156,7 @@ def test_merge_and_unload_puts_plain_linears_back(net, x):
             if isinstance(module, LoRALinear):
                 module.lora_B.normal_()
     before = net(x)
-    merged = merge_and_unload(net)
-    assert len(merged) == 4
+    assert merge_and_unload(net) is net  # peft's convention: the model comes back
     assert all(type(net.blocks[i][n]) is nn.Linear for i in (0, 1) for n in ("up", "down"))
     torch.testing.assert_close(net(x), before, atol=1e-5, rtol=1e-5)
 
@@ -170,8 +169,7 @@ def test_remove_peft_restores_the_model(net, x):
             if isinstance(module, LoRALinear):
                 module.lora_B.normal_()
     assert not torch.allclose(net(x), before)
-    restored = remove_peft(net)
-    assert restored == ["blocks.0.up", "blocks.1.up"]
+    assert remove_peft(net) is net
     assert all(type(m) in (nn.Linear, nn.LayerNorm, nn.ModuleDict, nn.ModuleList, TinyNet) for m in net.modules())
     torch.testing.assert_close(net(x), before)
 

@@ -7,7 +7,9 @@
 - `bitfit`         train only the biases
 - `ia3`            IA3Linear: learned rescaling vectors
 - `matching`       choosing modules by name pattern
-- `inject`         inject_peft(model, method, ...) -> InjectionReport, merge_and_unload, remove_peft
+- `layers`         the layers LoRA and (IA)^3 wrap: nn.Linear and GPT-2's Conv1D (fan_in_fan_out)
+- `inject`         inject_peft(model, method, ...) -> InjectionReport, merge_and_unload, remove_peft (= unload)
+- `saving`         save_adapter / load_adapter in Hugging Face peft's format (LoRA, (IA)^3, prompt tuning)
 
 Each method follows Hugging Face peft's numerics where peft has the method, and the tests check the
 logits against peft on all-MiniLM-L6-v2. Derived in notebooks/part1_foundations/02_peft_zoo.ipynb.
@@ -28,15 +30,24 @@ from course_lib.peft.inject import (
     PEFTConfig,
     inject_peft,
     merge_and_unload,
+    peft_module_names,
     remove_peft,
+    unload,
 )
+from course_lib.peft.layers import is_linear_like, linear_layout
 from course_lib.peft.lora import LoRAConfig, LoRALinear
 from course_lib.peft.matching import ModulePattern, matching_module_names, name_matches
-from course_lib.peft.prefix_tuning import PrefixSelfAttention, PrefixTuningConfig, extend_attention_mask
+from course_lib.peft.prefix_tuning import (
+    PrefixSelfAttention,
+    PrefixTuningConfig,
+    extend_attention_mask,
+)
 from course_lib.peft.prompt_tuning import PromptEmbedding, PromptTuningConfig
+from course_lib.peft.saving import load_adapter, save_adapter, trainable_state_dict
 
 __all__ = [
     "ADAPTER_PLACEMENTS",
+    "METHODS",
     "AdapterConfig",
     "BitFitConfig",
     "BottleneckAdapter",
@@ -45,7 +56,6 @@ __all__ = [
     "InjectionReport",
     "LoRAConfig",
     "LoRALinear",
-    "METHODS",
     "ModulePattern",
     "PEFTConfig",
     "ParallelAdapter",
@@ -57,8 +67,15 @@ __all__ = [
     "bias_parameters",
     "extend_attention_mask",
     "inject_peft",
+    "is_linear_like",
+    "linear_layout",
+    "load_adapter",
     "matching_module_names",
     "merge_and_unload",
     "name_matches",
+    "peft_module_names",
     "remove_peft",
+    "save_adapter",
+    "trainable_state_dict",
+    "unload",
 ]

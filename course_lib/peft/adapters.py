@@ -35,12 +35,12 @@ from torch import nn
 from course_lib.peft.matching import ModulePattern
 
 __all__ = [
-    "AdapterConfig",
-    "BottleneckAdapter",
-    "SerialAdapter",
-    "ParallelAdapter",
     "ADAPTER_PLACEMENTS",
     "BERT_ADAPTER_TARGETS",
+    "AdapterConfig",
+    "BottleneckAdapter",
+    "ParallelAdapter",
+    "SerialAdapter",
 ]
 
 #: The placements `AdapterConfig.placement` accepts.

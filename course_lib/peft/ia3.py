@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from course_lib.peft.layers import linear_layout
 from course_lib.peft.matching import ModulePattern
 
 __all__ = ["IA3Config", "IA3Linear"]
@@ -37,18 +38,21 @@ class IA3Config:
 
 
 class IA3Linear(nn.Module):
-    """A frozen nn.Linear whose output (or, with `feedforward=True`, input) is rescaled by a vector.
+    """A frozen nn.Linear (or GPT-2's Conv1D) whose output (or, with `feedforward=True`, input) is
+    rescaled by a vector.
 
     Derived in notebooks/part1_foundations/02_peft_zoo.ipynb.
     """
 
-    def __init__(self, base: nn.Linear, feedforward: bool = False) -> None:
+    def __init__(self, base: nn.Module, feedforward: bool = False) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"IA3Linear wraps an nn.Linear, got {type(base).__name__}")
+        try:
+            in_features, out_features, self.fan_in_fan_out = linear_layout(base)
+        except TypeError:
+            raise TypeError(f"IA3Linear wraps an nn.Linear or a Conv1D, got {type(base).__name__}") from None
         self.base = base
         self.feedforward = feedforward
-        width = base.in_features if feedforward else base.out_features
+        width = in_features if feedforward else out_features
         # l = 1 at init: nothing is inhibited or amplified yet
         self.scale = nn.Parameter(torch.ones(width, device=base.weight.device, dtype=base.weight.dtype))
         self.merged = False
@@ -60,17 +64,21 @@ class IA3Linear(nn.Module):
             return self.base(x * self.scale)  # W (l * x) + b
         return self.base(x) * self.scale  # l * (W x + b)
 
+    def _weight_factor(self) -> torch.Tensor:
+        """l shaped to multiply the stored weight: it scales the input axis (feed-forward) or the
+        output axis; nn.Linear stores W as (out, in), Conv1D as (in, out)."""
+        input_axis = 0 if self.fan_in_fan_out else 1
+        scales_axis = input_axis if self.feedforward else 1 - input_axis
+        return self.scale[:, None] if scales_axis == 0 else self.scale[None, :]
+
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold l into the weight: scale W's columns (feed-forward) or W's rows and b (output)."""
+        """Fold l into the weight: W diag(l) (feed-forward) or diag(l) W and l * b (output)."""
         if self.merged:
             return
-        if self.feedforward:
-            self.base.weight *= self.scale[None, :]  # W diag(l)
-        else:
-            self.base.weight *= self.scale[:, None]  # diag(l) W
-            if self.base.bias is not None:
-                self.base.bias *= self.scale
+        self.base.weight *= self._weight_factor()
+        if not self.feedforward and self.base.bias is not None:
+            self.base.bias *= self.scale
         self.merged = True
 
     @torch.no_grad()
@@ -78,16 +86,13 @@ class IA3Linear(nn.Module):
         """Divide l out again (exact only while no entry of l is zero)."""
         if not self.merged:
             return
-        if self.feedforward:
-            self.base.weight /= self.scale[None, :]
-        else:
-            self.base.weight /= self.scale[:, None]
-            if self.base.bias is not None:
-                self.base.bias /= self.scale
+        self.base.weight /= self._weight_factor()
+        if not self.feedforward and self.base.bias is not None:
+            self.base.bias /= self.scale
         self.merged = False
 
-    def merged_linear(self) -> nn.Linear:
-        """A plain nn.Linear with l folded in (the base layer itself, merged in place)."""
+    def merged_linear(self) -> nn.Module:
+        """The plain base layer (nn.Linear or Conv1D) with l folded in, merged in place."""
         self.merge()
         return self.base
 

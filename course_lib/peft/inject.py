@@ -32,18 +32,29 @@ from course_lib.peft.adapters import (
 )
 from course_lib.peft.bitfit import BitFitConfig, bias_parameters
 from course_lib.peft.ia3 import IA3Config, IA3Linear
+from course_lib.peft.layers import is_linear_like, linear_layout
 from course_lib.peft.lora import LoRAConfig, LoRALinear
 from course_lib.peft.matching import ModulePattern, matching_module_names, name_matches
-from course_lib.peft.prefix_tuning import PrefixSelfAttention, PrefixTuningConfig, looks_like_bert_self_attention
-from course_lib.peft.prompt_tuning import PromptEmbedding, PromptTuningConfig, looks_like_bert_model
+from course_lib.peft.prefix_tuning import (
+    PrefixSelfAttention,
+    PrefixTuningConfig,
+    looks_like_bert_self_attention,
+)
+from course_lib.peft.prompt_tuning import (
+    PromptEmbedding,
+    PromptTuningConfig,
+    looks_like_bert_model,
+)
 
 __all__ = [
-    "PEFTConfig",
     "METHODS",
     "InjectionReport",
+    "PEFTConfig",
     "inject_peft",
     "merge_and_unload",
+    "peft_module_names",
     "remove_peft",
+    "unload",
 ]
 
 PEFTConfig = Union[LoRAConfig, AdapterConfig, PrefixTuningConfig, PromptTuningConfig, BitFitConfig, IA3Config]
@@ -59,6 +70,9 @@ METHODS: dict[str, type] = {
 }
 # shorthands: an adapter placement used as a method name
 _ADAPTER_ALIASES = {"houlsby": "houlsby", "pfeiffer": "pfeiffer", "parallel_adapter": "parallel"}
+
+#: Hugging Face peft's option names that mean the same as course_lib's (LoraConfig(lora_alpha=...)).
+_PEFT_OPTION_NAMES = {"lora": {"lora_alpha": "alpha", "lora_dropout": "dropout"}}
 
 # Hugging Face peft's defaults for BERT-family models (peft.utils.constants)
 _BERT_LORA_TARGETS = ["query", "value"]
@@ -78,6 +92,7 @@ class InjectionReport:
     trainable_params: int
     total_params: int
     trainable_modules: list[str] = field(default_factory=list)
+    config: Any = field(default=None, repr=False)  # the PEFTConfig that was applied
     trainable_pct: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -119,6 +134,12 @@ def _make_config(method: str | PEFTConfig, options: dict[str, Any]) -> PEFTConfi
         raise ValueError(f"unknown PEFT method {method!r}; known methods: {known}")
     config_class = METHODS[name]
     allowed = {f.name for f in fields(config_class)}
+    for peft_name, ours in _PEFT_OPTION_NAMES.get(name, {}).items():  # peft's spelling of an option
+        if peft_name in options:
+            if ours in options:
+                raise TypeError(f"give {ours!r} or peft's {peft_name!r}, not both")
+            options = {**options, ours: options[peft_name]}
+            del options[peft_name]
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise TypeError(f"{name} has no option(s) {unknown}; its options are {sorted(allowed)}")
@@ -146,16 +167,16 @@ def _replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
 
 
 def _output_width(module: nn.Module, name: str) -> int:
-    """The width an adapter must have after `module`: its (last) Linear's out_features."""
-    if isinstance(module, nn.Linear):
-        return module.out_features
+    """The width an adapter must have after `module`: its (last) Linear's (or Conv1D's) out_features."""
+    if is_linear_like(module):
+        return linear_layout(module).out_features
     if isinstance(getattr(module, "dense", None), nn.Linear):  # BERT-style output blocks
         return module.dense.out_features
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    linears = [m for m in module.modules() if is_linear_like(m)]
     if not linears:
         raise TypeError(f"cannot tell the width of {name!r} ({type(module).__name__}) for an adapter; "
-                        "target nn.Linear layers or blocks that contain one")
-    return linears[-1].out_features
+                        "target nn.Linear (or Conv1D) layers or blocks that contain one")
+    return linear_layout(linears[-1]).out_features
 
 
 def _apply(model: nn.Module, config: PEFTConfig) -> tuple[list[str], list[nn.Parameter]]:
@@ -167,7 +188,7 @@ def _apply(model: nn.Module, config: PEFTConfig) -> tuple[list[str], list[nn.Par
         pattern = config.target_modules
         if pattern is None:
             pattern = _default_targets(model, "lora", _BERT_LORA_TARGETS)
-        names = matching_module_names(model, pattern, module_type=nn.Linear)
+        names = matching_module_names(model, pattern, module_type=is_linear_like)
         for name in names:
             wrapper = LoRALinear(modules[name], r=config.r, alpha=config.alpha, dropout=config.dropout)
             _replace_module(model, name, wrapper)
@@ -181,7 +202,7 @@ def _apply(model: nn.Module, config: PEFTConfig) -> tuple[list[str], list[nn.Par
         feedforward = config.feedforward_modules
         if feedforward is None:
             feedforward = _BERT_IA3_FEEDFORWARD if config.target_modules is None else []
-        names = matching_module_names(model, pattern, module_type=nn.Linear)
+        names = matching_module_names(model, pattern, module_type=is_linear_like)
         for name in names:
             # peft: a name is feed-forward when it ends with a feedforward_modules entry
             is_feedforward = (
@@ -285,7 +306,10 @@ def inject_peft(
         model: any nn.Module (prefix/prompt tuning: a Hugging Face BERT-family model).
         method: a name in `METHODS` ("lora", "adapter", "prefix_tuning", "prompt_tuning",
             "bitfit", "ia3"; also "houlsby", "pfeiffer", "parallel_adapter") with the method's
-            options as keywords (`r=8`, `target_modules=...`), or a config object.
+            options as keywords (`r=8`, `target_modules=...`; peft's `lora_alpha`, `lora_dropout`
+            and `modules_to_save` are accepted too), or a config object: course_lib's
+            (`LoRAConfig`, ...) or Hugging Face peft's (`peft.LoraConfig`, `IA3Config`,
+            `PromptTuningConfig`, translated by `course_lib.peft.saving.config_from_peft`).
         trainable_modules: modules kept trainable besides the method's own parameters (a regex
             or list of names, see `course_lib.peft.matching`); by default the classification
             head ("classifier" or "score") if the model has one, like peft's SEQ_CLS models.
@@ -296,6 +320,17 @@ def inject_peft(
     matches nothing, TypeError for an unknown option or a target of the wrong kind.
     Derived in notebooks/part1_foundations/02_peft_zoo.ipynb.
     """
+    if "modules_to_save" in options:  # peft's name for trainable_modules
+        if trainable_modules is not _DEFAULT:
+            raise TypeError("give trainable_modules or peft's modules_to_save, not both")
+        trainable_modules = options.pop("modules_to_save")
+    if hasattr(method, "peft_type"):  # a Hugging Face peft config object (peft.LoraConfig, ...)
+        from course_lib.peft.saving import config_from_peft
+
+        peft_dict = method.to_dict()
+        method = config_from_peft(peft_dict)
+        if peft_dict.get("modules_to_save") and trainable_modules is _DEFAULT:
+            trainable_modules = list(peft_dict["modules_to_save"])
     config = _make_config(method, options)
     if trainable_modules is _DEFAULT:
         head_names = [name for name, _ in model.named_modules() if name and name_matches(name, DEFAULT_TRAINABLE_MODULES)]
@@ -318,31 +353,39 @@ def inject_peft(
         parameter.requires_grad_(True)
 
     counts = count_parameters(model)  # the course's parameter meter (notebook 03)
-    return InjectionReport(
+    report = InjectionReport(
         method=config.method, replaced=replaced, trainable_params=counts.trainable, total_params=counts.total,
-        trainable_modules=keep,
+        trainable_modules=keep, config=config,
     )
+    # remembered on the model for save_adapter; an object attribute, not a module or a parameter
+    model.__dict__.setdefault(_REPORTS, []).append(report)
+    if config.method != "bitfit":  # BitFit changes no module: save_pretrained stays exact
+        _refuse_save_pretrained(model)
+    return report
 
 
-def merge_and_unload(model: nn.Module) -> list[str]:
-    """Merge every LoRALinear and IA3Linear into its base layer and put the plain nn.Linear back.
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every LoRALinear and IA3Linear into its base layer and put the plain layer back.
 
-    Returns the names of the merged modules. Adapters, prefixes and prompts cannot be merged into
-    weights and are left in place (use `remove_peft` to drop them).
+    Returns `model` itself (changed in place), as peft's `merge_and_unload` returns the base model.
+    Adapters, prefixes and prompts cannot be merged into weights and are left in place (use
+    `remove_peft` to drop them). Once nothing of course_lib is left in it, the model can be saved
+    with `save_pretrained` again.
     """
     names = [name for name, module in model.named_modules() if isinstance(module, (LoRALinear, IA3Linear))]
     for name in names:
         _replace_module(model, name, model.get_submodule(name).merged_linear())
-    return names
+    _forget_injection(model)
+    return model
 
 
-def remove_peft(model: nn.Module) -> list[str]:
+def remove_peft(model: nn.Module) -> nn.Module:
     """Undo `inject_peft`: put every original module back (unmerged) and drop the PEFT parameters.
 
-    requires_grad flags are left as they are. Returns the names of the modules restored.
+    requires_grad flags are left as they are. Returns `model` itself (changed in place); `unload`
+    is the same function under peft's name.
     """
     wrappers = (LoRALinear, IA3Linear, SerialAdapter, ParallelAdapter, PrefixSelfAttention)
-    restored = []
     # innermost first, so that a wrapper inside another one's base (LoRA under prefix tuning)
     # is restored while its name is still valid
     for name, module in reversed(list(model.named_modules())):
@@ -353,7 +396,55 @@ def remove_peft(model: nn.Module) -> list[str]:
             if getattr(module, "merged", False):
                 module.unmerge()
             _replace_module(model, name, module.base)
-        else:
-            continue
-        restored.append(name)
-    return restored[::-1]
+    model.__dict__.pop(_REPORTS, None)
+    _forget_injection(model, everything=True)
+    return model
+
+
+#: Hugging Face peft's name for `remove_peft`.
+unload = remove_peft
+
+
+def peft_module_names(model: nn.Module) -> list[str]:
+    """Names of the modules of `model` that course_lib's PEFT methods put there (wrappers, prompts)."""
+    wrappers = (LoRALinear, IA3Linear, SerialAdapter, ParallelAdapter, PrefixSelfAttention, PromptEmbedding)
+    return [name for name, module in model.named_modules() if isinstance(module, wrappers)]
+
+
+# --- what inject_peft remembers on the model ------------------------------------------------
+
+_REPORTS = "course_lib_peft_reports"  # list[InjectionReport], read by course_lib.peft.saving
+
+
+class _SavePretrainedRefusal:
+    """Stands in for `save_pretrained` on a Hugging Face model that carries course_lib's wrappers.
+
+    Such a model would save renamed keys (`query.base.weight` for `query.weight`), and
+    `from_pretrained` would then re-initialise those weights with only a warning: wrong logits, no
+    error. A plain object (not a closure), so that the model still pickles."""
+
+    def __init__(self, model_class: str) -> None:
+        self.model_class = model_class
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(
+            f"save_pretrained on this {self.model_class} would write course_lib's wrapped layers under renamed keys "
+            "(e.g. 'query.base.weight' for 'query.weight') that from_pretrained silently re-initialises. Save the "
+            "adapter with course_lib.peft.save_adapter(model, directory) (Hugging Face peft's format), or fold LoRA / "
+            "(IA)^3 into the weights with merge_and_unload(model) (or drop the method with remove_peft(model)) and "
+            "then call save_pretrained"
+        )
+
+
+def _refuse_save_pretrained(model: nn.Module) -> None:
+    """Shadow a Hugging Face model's `save_pretrained` with a clear refusal until the wrappers are
+    gone (`merge_and_unload`, `remove_peft`)."""
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.__dict__["save_pretrained"] = _SavePretrainedRefusal(type(model).__name__)
+
+
+def _forget_injection(model: nn.Module, *, everything: bool = False) -> None:
+    """After merging or removing: give `save_pretrained` back once no wrapper is left."""
+    if everything or not peft_module_names(model):
+        model.__dict__.pop("save_pretrained", None)
+        model.__dict__.pop(_REPORTS, None)

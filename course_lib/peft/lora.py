@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from course_lib.peft.layers import linear_layout
 from course_lib.peft.matching import ModulePattern
 
 __all__ = ["LoRAConfig", "LoRALinear"]
@@ -47,17 +48,20 @@ class LoRAConfig:
 
 
 class LoRALinear(nn.Module):
-    """A frozen `nn.Linear` plus a trainable low-rank update (alpha / r) * B A.
+    """A frozen `nn.Linear` (or GPT-2's `Conv1D`) plus a trainable low-rank update (alpha / r) * B A.
 
     `base` is kept as a sub-module (its weight stays where it was, frozen); `lora_A` (r, in) and
-    `lora_B` (out, r) are the only new parameters. Derived in
+    `lora_B` (out, r) are the only new parameters, in the same shapes for both layer kinds (a
+    Conv1D stores W as (in, out): `fan_in_fan_out`, and merging adds (B A)^T). Derived in
     notebooks/part1_foundations/02_peft_zoo.ipynb.
     """
 
-    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        try:
+            in_features, out_features, self.fan_in_fan_out = linear_layout(base)
+        except TypeError:
+            raise TypeError(f"LoRALinear wraps an nn.Linear or a Conv1D, got {type(base).__name__}") from None
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got r={r!r}")
         self.base = base
@@ -65,8 +69,8 @@ class LoRALinear(nn.Module):
         self.alpha = alpha
         self.scaling = alpha / r  # the update is scaled so that changing r needs no new learning rate
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))  # (r, in)
-        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, **factory))  # (out, r)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))  # (r, in)
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))  # (out, r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.reset_parameters()
@@ -93,18 +97,20 @@ class LoRALinear(nn.Module):
     def merge(self) -> None:
         """Add Delta W into the base weight: W <- W + (alpha / r) B A. Forward then skips the update."""
         if not self.merged:
-            self.base.weight += self.delta_weight()
+            delta = self.delta_weight()  # (out, in)
+            self.base.weight += delta.T if self.fan_in_fan_out else delta
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract Delta W again, so that training can go on (W is restored up to rounding)."""
         if self.merged:
-            self.base.weight -= self.delta_weight()
+            delta = self.delta_weight()
+            self.base.weight -= delta.T if self.fan_in_fan_out else delta
             self.merged = False
 
-    def merged_linear(self) -> nn.Linear:
-        """A plain nn.Linear holding W + Delta W (the base layer itself, merged in place)."""
+    def merged_linear(self) -> nn.Module:
+        """The plain base layer (nn.Linear or Conv1D) holding W + Delta W, merged in place."""
         self.merge()
         return self.base
 

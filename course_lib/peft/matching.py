@@ -15,11 +15,11 @@ Derived in notebooks/part1_foundations/02_peft_zoo.ipynb.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
-__all__ = ["ModulePattern", "name_matches", "matching_module_names", "describe_pattern"]
+__all__ = ["ModulePattern", "describe_pattern", "matching_module_names", "name_matches"]
 
 #: A regex (full match on the dotted module name) or a list of name suffixes.
 ModulePattern = str | Sequence[str]
@@ -55,14 +55,15 @@ def matching_module_names(
     model: nn.Module,
     pattern: ModulePattern,
     *,
-    module_type: type | tuple[type, ...] | None = None,
+    module_type: type | tuple[type, ...] | Callable[[nn.Module], bool] | None = None,
     what: str = "target_modules",
 ) -> list[str]:
     """Names of the modules of `model` that match `pattern`, in `model.named_modules()` order.
 
     Raises ValueError when nothing matches, naming the pattern and a few module names of the
-    model so that the fix is easy to see. With `module_type`, every match must be an instance of
-    it, else TypeError names the offending module (e.g. LoRA put on a LayerNorm).
+    model so that the fix is easy to see. With `module_type` (a class, a tuple of classes, or a
+    predicate such as `course_lib.peft.layers.is_linear_like`), every match must be accepted by it,
+    else TypeError names the offending module (e.g. LoRA put on a LayerNorm).
     """
     _check_pattern(pattern)
     names = [name for name, _ in model.named_modules() if name and name_matches(name, pattern)]
@@ -78,13 +79,16 @@ def matching_module_names(
         )
     if module_type is not None:
         modules = dict(model.named_modules())
+        is_class = isinstance(module_type, (type, tuple))
         for name in names:
-            if not isinstance(modules[name], module_type):
-                expected = (
-                    module_type.__name__
-                    if isinstance(module_type, type)
-                    else " or ".join(t.__name__ for t in module_type)
-                )
+            accepted = isinstance(modules[name], module_type) if is_class else module_type(modules[name])
+            if not accepted:
+                if isinstance(module_type, type):
+                    expected = module_type.__name__
+                elif isinstance(module_type, tuple):
+                    expected = " or ".join(t.__name__ for t in module_type)
+                else:
+                    expected = getattr(module_type, "expects", module_type.__name__)
                 found = type(modules[name])
                 if found.__module__.startswith("course_lib.peft"):  # a wrapper this library put there
                     raise TypeError(

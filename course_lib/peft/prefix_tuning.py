@@ -34,7 +34,7 @@ from torch import nn
 
 from course_lib.peft.matching import ModulePattern
 
-__all__ = ["PrefixTuningConfig", "PrefixSelfAttention", "extend_attention_mask", "looks_like_bert_self_attention"]
+__all__ = ["PrefixSelfAttention", "PrefixTuningConfig", "extend_attention_mask", "looks_like_bert_self_attention"]
 
 
 @dataclass

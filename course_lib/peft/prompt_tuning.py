@@ -30,7 +30,7 @@ from torch import nn
 
 from course_lib.peft.matching import ModulePattern
 
-__all__ = ["PromptTuningConfig", "PromptEmbedding", "looks_like_bert_model"]
+__all__ = ["PromptEmbedding", "PromptTuningConfig", "looks_like_bert_model"]
 
 _PROMPT_INITS = ("random", "vocab")
 # BertModel.forward(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, ...)

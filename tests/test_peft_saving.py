@@ -1,0 +1,318 @@
+"""course_lib.peft.saving against Hugging Face peft: an adapter saved by course_lib loads into
+peft on the same base model and the other way round, with the same logits (max abs diff <= 1e-5);
+LoRA, (IA)^3 and adapters on GPT-2's Conv1D equal peft's; `save_pretrained` of an injected model
+refuses instead of writing renamed keys; bad adapter folders get clear errors and a failed save
+leaves nothing behind."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from course_lib.peft import (
+    IA3Linear,
+    LoRALinear,
+    PromptEmbedding,
+    inject_peft,
+    load_adapter,
+    merge_and_unload,
+    remove_peft,
+    save_adapter,
+    unload,
+)
+from course_lib.peft.saving import CONFIG_NAME, WEIGHTS_NAME
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+TOLERANCE = 1e-5
+
+
+def _tiny_bert() -> torch.nn.Module:
+    transformers.logging.set_verbosity_error()
+    config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64, num_labels=3)  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def _tiny_gpt2() -> torch.nn.Module:
+    transformers.logging.set_verbosity_error()
+    config = transformers.GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def bert() -> torch.nn.Module:
+    return _tiny_bert()
+
+
+@pytest.fixture(scope="module")
+def batch() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(5, 120, (3, 10), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 7:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _perturb(model: torch.nn.Module, seed: int = 3) -> None:
+    """Move every trainable tensor, as training would (LoRA's B starts at 0, (IA)^3's l at 1)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.2)
+
+
+# --- course_lib -> peft and peft -> course_lib -----------------------------------------------
+
+OURS_AND_PEFTS = {
+    "lora": ({"method": "lora", "r": 4, "alpha": 8, "target_modules": ["query", "value"]}, None),
+    "ia3": ({"method": "ia3"}, None),
+    "prompt_tuning": ({"method": "prompt_tuning", "num_virtual_tokens": 5}, None),
+}
+
+
+@pytest.mark.parametrize("method", sorted(OURS_AND_PEFTS))
+def test_course_lib_adapter_loads_into_peft(bert, batch, tmp_path, method):
+    ours = copy.deepcopy(bert)
+    options = dict(OURS_AND_PEFTS[method][0])
+    inject_peft(ours, options.pop("method"), **options)
+    _perturb(ours)
+    expected = _logits(ours, batch)
+    assert (expected - _logits(bert, batch)).abs().max() > 1e-3  # the adapter really changes the model
+    save_adapter(ours, tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(bert), tmp_path / "adapter").eval()
+    assert (_logits(theirs, batch) - expected).abs().max() <= TOLERANCE
+
+
+PEFT_CONFIGS = {
+    "lora": lambda: peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"]),
+    "lora_rslora_regex": lambda: peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, use_rslora=True,
+                                                 target_modules=r".*\.(key|dense)"),
+    "ia3": lambda: peft.IA3Config(task_type="SEQ_CLS"),
+    "prompt_tuning": lambda: peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PEFT_CONFIGS))
+def test_peft_adapter_loads_into_course_lib(bert, batch, tmp_path, name):
+    theirs = peft.get_peft_model(copy.deepcopy(bert), PEFT_CONFIGS[name]()).eval()
+    _perturb(theirs)
+    theirs.save_pretrained(tmp_path / "adapter")
+    expected = _logits(theirs, batch)
+    ours = copy.deepcopy(bert)
+    report = load_adapter(ours, tmp_path / "adapter")
+    assert report.trainable_params == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    assert (_logits(ours, batch) - expected).abs().max() <= TOLERANCE
+    # and back again: course_lib's save of what it loaded reads into course_lib unchanged
+    save_adapter(ours, tmp_path / "again")
+    again = copy.deepcopy(bert)
+    load_adapter(again, tmp_path / "again")
+    assert torch.equal(_logits(again, batch), _logits(ours, batch))
+
+
+def test_a_saved_adapter_trains_on_after_loading(bert, batch, tmp_path):
+    """What load_adapter leaves trainable is what inject_peft left: LoRA and the kept head."""
+    ours = copy.deepcopy(bert)
+    inject_peft(ours, "lora", r=4, target_modules=["query", "value"])
+    save_adapter(ours, tmp_path / "a")
+    loaded = copy.deepcopy(bert)
+    load_adapter(loaded, tmp_path / "a")
+    trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert any(n.startswith("classifier.") for n in trainable)
+
+
+def test_peft_names_and_peft_config_objects_are_accepted(bert, batch):
+    theirs = peft.get_peft_model(copy.deepcopy(bert), PEFT_CONFIGS["lora"]()).eval()
+    _perturb(theirs)
+    by_config = copy.deepcopy(bert)
+    inject_peft(by_config, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    by_names = copy.deepcopy(bert)
+    report = inject_peft(by_names, "lora", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"],
+                         modules_to_save=["classifier"])  # fmt: skip
+    assert report.config.alpha == 8 and report.trainable_modules == ["classifier"]
+    their_state = {k.replace("base_model.model.", "").replace(".default", "").replace("modules_to_save.", ""): v
+                   for k, v in theirs.state_dict().items() if "lora_" in k or "modules_to_save" in k}  # fmt: skip
+    for model in (by_config, by_names):
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if isinstance(module, LoRALinear):
+                    module.lora_A.copy_(their_state[f"{name}.lora_A.weight"])
+                    module.lora_B.copy_(their_state[f"{name}.lora_B.weight"])
+            model.classifier.weight.copy_(their_state["classifier.weight"])
+            model.classifier.bias.copy_(their_state["classifier.bias"])
+        assert (_logits(model, batch) - _logits(theirs, batch)).abs().max() <= TOLERANCE
+    with pytest.raises(TypeError, match="'alpha' or peft's 'lora_alpha'"):
+        inject_peft(copy.deepcopy(bert), "lora", alpha=8, lora_alpha=8)
+    with pytest.raises(ValueError, match="use_dora"):
+        inject_peft(copy.deepcopy(bert), peft.LoraConfig(r=4, use_dora=True, target_modules=["query"]))
+
+
+# --- save_pretrained of an injected model ----------------------------------------------------
+
+
+def test_save_pretrained_of_an_injected_model_refuses_then_works_after_merging(bert, batch, tmp_path):
+    ours = copy.deepcopy(bert)
+    inject_peft(ours, "lora", r=4, target_modules=["query", "value"])
+    _perturb(ours)
+    with pytest.raises(RuntimeError, match="save_adapter.*merge_and_unload"):
+        ours.save_pretrained(tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    expected = _logits(ours, batch)
+    assert merge_and_unload(ours) is ours
+    ours.save_pretrained(tmp_path / "hf")  # a plain BERT again: the standard format round-trips
+    reloaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert (_logits(reloaded, batch) - expected).abs().max() <= TOLERANCE
+
+
+def test_an_injected_model_still_pickles_and_unload_gives_save_pretrained_back(bert, tmp_path):
+    ours = copy.deepcopy(bert)
+    inject_peft(ours, "ia3")
+    torch.save(ours, tmp_path / "whole.pt")  # the refusal is a plain object, not a closure
+    assert unload(ours) is ours and not any(isinstance(m, IA3Linear) for m in ours.modules())
+    ours.save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / "config.json").exists()
+
+
+# --- GPT-2: Conv1D layers --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_gpt2_conv1d_matches_peft_and_merges(batch, method, tmp_path):
+    gpt2 = _tiny_gpt2()
+    inputs = {"input_ids": batch["input_ids"] % 100}
+    if method == "lora":
+        their_config = peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                       fan_in_fan_out=True)  # fmt: skip
+        options = {"r": 4, "alpha": 8, "target_modules": ["c_attn", "c_fc"]}
+    else:
+        their_config = peft.IA3Config(task_type="CAUSAL_LM", target_modules=["c_attn", "mlp.c_proj"],
+                                      feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True)  # fmt: skip
+        options = {"target_modules": ["c_attn", "mlp.c_proj"], "feedforward_modules": ["mlp.c_proj"]}
+    ours = copy.deepcopy(gpt2)
+    report = inject_peft(ours, method, trainable_modules=None, **options)
+    _perturb(ours)
+    save_adapter(ours, tmp_path / "gpt2")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(gpt2), tmp_path / "gpt2", is_trainable=True).eval()
+    expected = _logits(ours, inputs)
+    assert (expected - _logits(gpt2, inputs)).abs().max() > 1e-3
+    assert (_logits(theirs, inputs) - expected).abs().max() <= TOLERANCE
+    assert report.trainable_params == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    merge_and_unload(ours)  # (B A)^T added to the (in, out) weight; l on the right axis
+    assert type(ours.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    assert (_logits(ours, inputs) - expected).abs().max() <= TOLERANCE
+    # the other way: peft's own GPT-2 adapter (fan_in_fan_out=True) read into course_lib
+    trained = peft.get_peft_model(copy.deepcopy(gpt2), their_config).eval()
+    _perturb(trained, seed=5)
+    trained.save_pretrained(tmp_path / "theirs")
+    loaded = copy.deepcopy(gpt2)
+    load_adapter(loaded, tmp_path / "theirs")
+    assert (_logits(loaded, inputs) - _logits(trained, inputs)).abs().max() <= TOLERANCE
+
+
+def test_adapters_wrap_gpt2_blocks(batch):
+    gpt2 = _tiny_gpt2()
+    inputs = {"input_ids": batch["input_ids"] % 100}
+    report = inject_peft(gpt2, "pfeiffer", target_modules=["mlp"], trainable_modules=None)
+    assert len(report.replaced) == 2
+    logits = _logits(gpt2, inputs)
+    remove_peft(gpt2)
+    assert torch.equal(logits, _logits(gpt2, inputs))  # zero-initialised up-projection: the start is kept
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def test_bad_adapter_folders_get_clear_errors(bert, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_adapter(copy.deepcopy(bert), tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="lacks.*adapter_config.json"):
+        load_adapter(copy.deepcopy(bert), tmp_path / "empty")
+
+    ours = copy.deepcopy(bert)
+    inject_peft(ours, "lora", r=4, target_modules=["query", "value"])
+    save_adapter(ours, tmp_path / "lora")
+    config = json.loads((tmp_path / "lora" / CONFIG_NAME).read_text())
+
+    other = tmp_path / "prefix"
+    other.mkdir()
+    (other / CONFIG_NAME).write_text(json.dumps({**config, "peft_type": "PREFIX_TUNING"}))
+    (other / WEIGHTS_NAME).write_bytes((tmp_path / "lora" / WEIGHTS_NAME).read_bytes())
+    with pytest.raises(ValueError, match="peft_type='PREFIX_TUNING'.*LORA, IA3 and PROMPT_TUNING"):
+        load_adapter(copy.deepcopy(bert), other)
+
+    (other / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_adapter(copy.deepcopy(bert), other)
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / CONFIG_NAME).write_text(json.dumps(config))
+    (damaged / WEIGHTS_NAME).write_bytes((tmp_path / "lora" / WEIGHTS_NAME).read_bytes()[:100])
+    with pytest.raises(ValueError, match="cannot be read as safetensors"):
+        load_adapter(copy.deepcopy(bert), damaged)
+
+    # an adapter for a wider model: shapes that do not fit, and the model is left as it came
+    wide = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, num_labels=3))  # fmt: skip
+    base = copy.deepcopy(bert)
+    flags = {n: p.requires_grad for n, p in base.named_parameters()}
+    with pytest.raises(ValueError, match=r"does not fit BertForSequenceClassification.*lora_A.weight: file \(4, 32\), model \(4, 48\)"):
+        load_adapter(wide, tmp_path / "lora")
+    inject_peft(wide, "lora", r=4, target_modules=["query", "value"])
+    save_adapter(wide, tmp_path / "wide")
+    with pytest.raises(ValueError, match=r"file \(4, 48\), model \(4, 32\)"):
+        load_adapter(base, tmp_path / "wide")
+    assert not any(isinstance(m, LoRALinear) for m in base.modules())
+    assert {n: p.requires_grad for n, p in base.named_parameters()} == flags
+
+
+def test_save_adapter_refuses_what_peft_cannot_read(bert, tmp_path):
+    plain = copy.deepcopy(bert)
+    with pytest.raises(ValueError, match="no LoRA, \\(IA\\)\\^3 or prompt-tuning module.*trainable_state_dict"):
+        save_adapter(plain, tmp_path / "x")
+    inject_peft(plain, "pfeiffer")
+    with pytest.raises(ValueError, match="no LoRA"):
+        save_adapter(plain, tmp_path / "x")
+    merged = copy.deepcopy(bert)
+    inject_peft(merged, "lora", r=4, target_modules=["query"])
+    next(m for m in merged.modules() if isinstance(m, LoRALinear)).merge()
+    with pytest.raises(ValueError, match="merged"):
+        save_adapter(merged, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_failed_save_leaves_the_old_adapter_and_no_half_written_folder(bert, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    ours = copy.deepcopy(bert)
+    inject_peft(ours, "prompt_tuning", num_virtual_tokens=3)
+    assert any(isinstance(m, PromptEmbedding) for m in ours.modules())
+    save_adapter(ours, tmp_path / "adapter")
+    before = (tmp_path / "adapter" / WEIGHTS_NAME).read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    _perturb(ours)
+    with pytest.raises(OSError, match="No space left"):
+        save_adapter(ours, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / WEIGHTS_NAME).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging folder left
