@@ -69,8 +69,9 @@ DATA_DIR: Path = _path_from_env("COURSE_DATA_DIR", _DEFAULT_BASE / "data")
 CACHE_DIR: Path = _path_from_env("COURSE_CACHE_DIR", _DEFAULT_BASE / ".cache")
 #: Results JSON written by notebooks and benchmarks (`results/bench/<name>.json`).
 RESULTS_DIR: Path = _path_from_env("COURSE_RESULTS_DIR", _DEFAULT_BASE / "results")
-#: Small shipped checkpoints with their SHA256SUMS.
-CHECKPOINT_DIR: Path = _path_from_env("COURSE_CHECKPOINT_DIR", _DEFAULT_BASE / "checkpoints")
+#: Small shipped checkpoints with their SHA256SUMS: package data (course_lib/checkpoints), so that
+#: a pip-installed course_lib finds them as a clone does.
+CHECKPOINT_DIR: Path = _path_from_env("COURSE_CHECKPOINT_DIR", Path(__file__).resolve().parent / "checkpoints")
 
 #: The seed every notebook starts from.
 SEED: int = 0

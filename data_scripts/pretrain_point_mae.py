@@ -1,4 +1,4 @@
-"""Pretrain the tiny Point-MAE on the clean shape set and write checkpoints/point_mae_tiny.pt.
+"""Pretrain the tiny Point-MAE on the clean shape set and write course_lib/checkpoints/point_mae_tiny.pt.
 
     python -m data_scripts.pretrain_point_mae                  # the shipped checkpoint (minutes)
     python -m data_scripts.pretrain_point_mae --num-threads 1  # on a CPU shared with other jobs
@@ -66,7 +66,7 @@ def probe(encoder: PointMAEEncoder, num_points: int, progress: bool) -> dict[str
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=None, help="default: checkpoints/point_mae_tiny.pt")
+    parser.add_argument("--output", type=Path, default=None, help="default: course_lib/checkpoints/point_mae_tiny.pt")
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: PretrainConfig's)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (fast mode: 5)")
     parser.add_argument("--seed", type=int, default=PretrainConfig.seed, help="seed of the run (default %(default)s)")

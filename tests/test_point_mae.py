@@ -410,8 +410,8 @@ def test_a_config_mismatch_is_refused(tmp_path, tiny_model):
 
 def test_a_missing_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "missing.pt"
-    with pytest.raises(FileNotFoundError, match="pretrain_point_mae"):
-        load_pretrained_point_mae(path, pretrain_if_missing=False)
+    with pytest.raises(FileNotFoundError, match="pretrain_point_mae.*pretrain_if_missing=True"):
+        load_pretrained_point_mae(path)  # loading never starts a pretraining unless asked
     with pytest.raises(FileNotFoundError, match="pretrain_point_mae"):
         read_checkpoint(path)
 
@@ -426,7 +426,7 @@ def test_a_missing_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain_module, "pretrain", tiny_pretrain)
     monkeypatch.setenv("COURSE_FAST", "1")
     with pytest.warns(UserWarning, match="pretrained 5 steps"):
-        encoder = load_pretrained_point_mae(path, progress=False)
+        encoder = load_pretrained_point_mae(path, pretrain_if_missing=True, progress=False)
     assert isinstance(encoder, PointMAEEncoder) and encoder.config == TINY
     assert not path.exists(), "a fast-mode checkpoint must not be saved"
 

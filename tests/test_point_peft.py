@@ -412,10 +412,10 @@ def test_config_errors():
 
 
 def test_shipped_checkpoint_trainable_share():
-    path = Path(__file__).resolve().parent.parent / "checkpoints" / "point_mae_tiny.pt"
-    if not path.exists():
-        pytest.skip("no shipped checkpoint")
-    from course_lib.points.checkpoint import load_pretrained_point_mae
+    from course_lib.points.checkpoint import default_checkpoint_path, load_pretrained_point_mae
+
+    path = default_checkpoint_path()
+    assert path.exists(), f"the shipped checkpoint is missing: {path}"
 
     torch.manual_seed(0)
     encoder = load_pretrained_point_mae(path, num_classes=15, pretrain_if_missing=False, progress=False)

@@ -12,7 +12,12 @@ Batched torch operations take (B, N, 3) clouds:
   (also accept one (N, 3) cloud; the course's up axis is y)
 
 open3d (`open3d_interop`, imported lazily) and plotting (`plotting`) work on one (N, 3) cloud.
+The plotting names are imported on first use, so that `import course_lib.points` (and
+`course_lib.point_peft`) does not import matplotlib: it is the `[widgets]` extra.
 """
+
+import importlib
+from typing import Any
 
 from course_lib.points.neighbours import (
     Groups,
@@ -33,7 +38,6 @@ from course_lib.points.open3d_interop import (
     sample_mesh,
     to_open3d,
 )
-from course_lib.points.plotting import group_colours, group_point_colours, plot_groups, plot_point_cloud, plotly_groups
 from course_lib.points.sampling import check_point_batch, farthest_point_sample
 from course_lib.points.transforms import (
     UP_AXIS,
@@ -44,31 +48,42 @@ from course_lib.points.transforms import (
 )
 
 __all__ = [
-    "check_point_batch",
-    "farthest_point_sample",
-    "smallest_k",
-    "gather_points",
-    "pairwise_squared_distances",
-    "knn",
-    "ball_query",
-    "Groups",
-    "group_points",
-    "sample_and_group",
     "UP_AXIS",
-    "normalize_to_unit_sphere",
-    "random_scale_translate",
-    "rotate_about_up_axis",
-    "jitter",
-    "to_open3d",
-    "from_open3d",
-    "sample_mesh",
+    "Groups",
+    "ball_query",
+    "check_point_batch",
     "estimate_normals",
-    "hidden_point_removal",
+    "farthest_point_sample",
     "farthest_point_sample_open3d",
-    "knn_open3d",
+    "from_open3d",
+    "gather_points",
     "group_colours",
     "group_point_colours",
-    "plot_point_cloud",
+    "group_points",
+    "hidden_point_removal",
+    "jitter",
+    "knn",
+    "knn_open3d",
+    "normalize_to_unit_sphere",
+    "pairwise_squared_distances",
     "plot_groups",
+    "plot_point_cloud",
     "plotly_groups",
+    "random_scale_translate",
+    "rotate_about_up_axis",
+    "sample_and_group",
+    "sample_mesh",
+    "smallest_k",
+    "to_open3d",
 ]
+
+#: Names of `course_lib.points.plotting`, imported when first read (matplotlib is an extra).
+_PLOTTING = ("group_colours", "group_point_colours", "plot_groups", "plot_point_cloud", "plotly_groups")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PLOTTING:
+        value = getattr(importlib.import_module("course_lib.points.plotting"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'course_lib.points' has no attribute {name!r}")

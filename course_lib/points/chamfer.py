@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["nearest_squared_distances", "chamfer_distance"]
+__all__ = ["chamfer_distance", "nearest_squared_distances"]
 
 
 def _check_pair(a: Tensor, b: Tensor) -> None:

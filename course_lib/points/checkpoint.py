@@ -10,7 +10,7 @@ SHA-256 is listed in `SHA256SUMS` beside it, in `sha256sum`'s format; a file who
 match is refused. Weights are stored as float16 to halve the file and loaded back as float32.
 A missing checkpoint can be pretrained on the spot (`load_pretrained_point_mae`).
 
-The shipped `checkpoints/point_mae_tiny.pt` is written by `python -m data_scripts.pretrain_point_mae`.
+The shipped `course_lib/checkpoints/point_mae_tiny.pt` is written by `python -m data_scripts.pretrain_point_mae`.
 """
 
 from __future__ import annotations
@@ -19,30 +19,27 @@ import dataclasses
 import json
 import os
 import tempfile
-import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from course_lib import config as course_config
 from course_lib.download import sha256_of
+from course_lib.points.masked_autoencoder import MaskedAutoencoder, PretrainConfig
 from course_lib.points.point_mae import PointMAEConfig, PointMAEEncoder
-
-if TYPE_CHECKING:  # course_lib.points.pretrain imports this module, so its names are imported where used
-    from course_lib.points.pretrain import MaskedAutoencoder, PretrainConfig, PretrainResult
 
 __all__ = [
     "CHECKPOINT_NAME",
     "default_checkpoint_path",
     "file_sha256",
-    "read_sha256sums",
-    "update_sha256sums",
-    "save_checkpoint",
-    "read_checkpoint",
-    "load_pretrained_point_mae",
     "load_pretrained_masked_autoencoder",
+    "load_pretrained_point_mae",
+    "read_checkpoint",
+    "read_sha256sums",
+    "save_checkpoint",
+    "update_sha256sums",
 ]
 
 #: File name of the shipped checkpoint inside `config.CHECKPOINT_DIR`.
@@ -139,8 +136,6 @@ def save_checkpoint(
 
     Derived in notebooks/part2_point_peft/12_point_mae.ipynb.
     """
-    from course_lib.points.pretrain import MaskedAutoencoder, PretrainConfig
-
     if not isinstance(model, MaskedAutoencoder):
         raise TypeError(f"save_checkpoint expects a MaskedAutoencoder, got {type(model).__name__}")
     pretrain_config = pretrain_config or PretrainConfig(
@@ -259,67 +254,40 @@ def _encoder_from_payload(
     return encoder
 
 
-def _pretrain_missing(path: Path, progress: bool) -> dict[str, Any]:
-    """Pretrain when the checkpoint is missing; returns what `read_checkpoint` would.
-
-    Under COURSE_FAST=1 a few steps, kept in memory (a warning says so); otherwise the full run,
-    saved to `path` with its hash (so the next call loads it)."""
-    from course_lib.points.pretrain import PretrainConfig, pretrain
-
-    if course_config.is_fast():
-        result = pretrain(max_steps=5, progress=progress)
-        warnings.warn(
-            f"no Point-MAE checkpoint at {path}: pretrained 5 steps instead (COURSE_FAST=1; not saved). "
-            f"Create the real one with `{_REPRODUCE}`",
-            stacklevel=3,
-        )
-        encoder = result.model.encoder
-        return {"config": encoder.config.to_dict(), "encoder": _to_storage(_encoder_pretrained_state(encoder))}
-    result = pretrain(progress=progress)
-    save_checkpoint(result.model, path, pretrain_config=PretrainConfig(), record=_run_record(result))
-    return read_checkpoint(path)
-
-
-def _run_record(result: PretrainResult) -> dict[str, Any]:
-    return {
-        "step_losses": result.step_losses,
-        "epoch_losses": result.epoch_losses,
-        "seconds": result.seconds,
-        "cpu_seconds": result.cpu_seconds,
-        "num_steps": result.num_steps,
-        "num_shapes": result.num_shapes,
-        "torch_version": str(torch.__version__),
-    }
-
-
 def load_pretrained_point_mae(
     path: str | os.PathLike | None = None,
     *,
     config: PointMAEConfig | None = None,
     num_classes: int | None = None,
-    pretrain_if_missing: bool = True,
+    pretrain_if_missing: bool = False,
     sha256: str | None = None,
     verify: bool = True,
     progress: bool = True,
 ) -> PointMAEEncoder:
-    """The pretrained tiny Point-MAE encoder (default: the shipped `checkpoints/point_mae_tiny.pt`).
+    """The pretrained tiny Point-MAE encoder (default: the shipped `course_lib/checkpoints/point_mae_tiny.pt`).
 
     - The file's SHA-256 must match its SHA256SUMS entry (or `sha256`); see `read_checkpoint`.
     - `config`, if given, must match the checkpoint's encoder sizes (its head fields are used);
       by default the checkpoint's own config is used. `num_classes` resizes the head.
     - The CLS token, its position and the head are freshly initialised from torch's global
       generator (seed it first), as when Point-MAE starts fine-tuning. In eval mode.
-    - A missing checkpoint is pretrained when `pretrain_if_missing`: the full run (about ten
-      minutes, saved to `path` with its hash) or, under COURSE_FAST=1, a few steps (not saved);
-      otherwise FileNotFoundError.
+    - A missing checkpoint is FileNotFoundError (with the command that writes it). Loading never
+      trains by itself unless asked: `pretrain_if_missing=True` runs
+      `course_lib.points.pretrain.pretrain_and_save` first (the full run, about ten minutes, saved
+      to `path` with its hash; under COURSE_FAST=1 a few steps, not saved).
 
     Derived in notebooks/part2_point_peft/12_point_mae.ipynb.
     """
     path = Path(path) if path is not None else default_checkpoint_path()
     if not path.exists():
         if not pretrain_if_missing:
-            raise FileNotFoundError(f"no Point-MAE checkpoint at {path}: create it with `{_REPRODUCE}`")
-        return _encoder_from_payload(_pretrain_missing(path, progress), path, config, num_classes).eval()
+            raise FileNotFoundError(f"no Point-MAE checkpoint at {path}: create it with `{_REPRODUCE}` "
+                                    "(about ten minutes), or pass pretrain_if_missing=True")  # fmt: skip
+        from course_lib.points.pretrain import (
+            pretrain_and_save,  # trains: only when asked
+        )
+
+        return _encoder_from_payload(pretrain_and_save(path, progress=progress), path, config, num_classes).eval()
     payload = read_checkpoint(path, sha256=sha256, verify=verify)
     return _encoder_from_payload(payload, path, config, num_classes).eval()
 
@@ -331,8 +299,6 @@ def load_pretrained_masked_autoencoder(
 
     Derived in notebooks/part2_point_peft/12_point_mae.ipynb.
     """
-    from course_lib.points.pretrain import MaskedAutoencoder, PretrainConfig
-
     path = Path(path) if path is not None else default_checkpoint_path()
     payload = read_checkpoint(path, sha256=sha256, verify=verify)
     encoder = _encoder_from_payload(payload, path, None, None)

@@ -26,9 +26,9 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -38,21 +38,21 @@ from tqdm.auto import tqdm
 from course_lib import config
 
 __all__ = [
-    "PointCloudDataset",
-    "SHAPE_VARIANTS",
-    "SHAPES_VERSION",
     "FAST_MAX_PER_CLASS",
-    "ShapeSetConfig",
-    "shapes_path",
-    "generate_shape_sets",
-    "write_shape_sets",
-    "shape_set_is_current",
-    "load_shapes",
     "MODELNET40_FOLDER",
-    "load_modelnet40",
     "SCANOBJECTNN_CLASS_NAMES",
     "SCANOBJECTNN_FILES",
+    "SHAPES_VERSION",
+    "SHAPE_VARIANTS",
+    "PointCloudDataset",
+    "ShapeSetConfig",
+    "generate_shape_sets",
+    "load_modelnet40",
     "load_scanobjectnn",
+    "load_shapes",
+    "shape_set_is_current",
+    "shapes_path",
+    "write_shape_sets",
 ]
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -159,7 +159,7 @@ def generate_shape_sets(
     bool (True = object point) and metadata. Deterministic: shape i of class c in a split is
     drawn from its own Generator seeded with (seed, group, split, c, i).
     """
-    import course_lib.points.scans as scans
+    from course_lib.points import scans
     from course_lib.points.shapes import CLASS_NAMES, build_mesh, sample_surface
     from course_lib.points.transforms import normalize_to_unit_sphere
 

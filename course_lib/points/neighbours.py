@@ -16,20 +16,25 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from course_lib.points.sampling import _check_count, _farthest_point_loop, _start_indices, check_point_batch
+from course_lib.points.sampling import (
+    _check_count,
+    _farthest_point_loop,
+    _start_indices,
+    check_point_batch,
+)
 
 # how many FPS steps `sample_and_group` collects before one batched kNN top-k (see there)
 GROUPING_CHUNK_STEPS = 32
 
 __all__ = [
-    "smallest_k",
-    "gather_points",
-    "pairwise_squared_distances",
-    "knn",
-    "ball_query",
     "Groups",
+    "ball_query",
+    "gather_points",
     "group_points",
+    "knn",
+    "pairwise_squared_distances",
     "sample_and_group",
+    "smallest_k",
 ]
 
 

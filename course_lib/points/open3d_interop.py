@@ -19,13 +19,13 @@ if TYPE_CHECKING:  # pragma: no cover
     import open3d as o3d
 
 __all__ = [
-    "to_open3d",
-    "from_open3d",
-    "sample_mesh",
     "estimate_normals",
-    "hidden_point_removal",
     "farthest_point_sample_open3d",
+    "from_open3d",
+    "hidden_point_removal",
     "knn_open3d",
+    "sample_mesh",
+    "to_open3d",
 ]
 
 
@@ -48,7 +48,7 @@ def _as_xyz(array: Any, name: str) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def to_open3d(points: Any, normals: Any = None, colors: Any = None) -> "o3d.geometry.PointCloud":
+def to_open3d(points: Any, normals: Any = None, colors: Any = None) -> o3d.geometry.PointCloud:
     """An `open3d.geometry.PointCloud` from (N, 3) points, optional (N, 3) normals and (N, 3) RGB colours in [0, 1]."""
     o3d = _open3d()
     xyz = _as_xyz(points, "points")
@@ -64,7 +64,7 @@ def to_open3d(points: Any, normals: Any = None, colors: Any = None) -> "o3d.geom
 
 
 def from_open3d(
-    cloud: "o3d.geometry.PointCloud", attribute: str = "points", as_tensor: bool = False
+    cloud: o3d.geometry.PointCloud, attribute: str = "points", as_tensor: bool = False
 ) -> np.ndarray | torch.Tensor:
     """The (N, 3) points (or "normals" / "colors") of an open3d PointCloud as float32 numpy (or torch)."""
     if attribute not in ("points", "normals", "colors"):
@@ -78,7 +78,7 @@ def from_open3d(
 
 
 def sample_mesh(
-    mesh: "o3d.geometry.TriangleMesh",
+    mesh: o3d.geometry.TriangleMesh,
     num_points: int,
     method: str = "uniform",
     seed: int | None = 0,

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from course_lib.points.transforms import UP_AXIS, axis_index
 
-__all__ = ["group_colours", "group_point_colours", "plot_point_cloud", "plot_groups", "plotly_groups"]
+__all__ = ["group_colours", "group_point_colours", "plot_groups", "plot_point_cloud", "plotly_groups"]
 
 _BACKGROUND = (0.75, 0.75, 0.75, 0.5)  # grey, see-through: points in no group
 
@@ -152,7 +152,7 @@ def plot_groups(
     order = _display_order(up_axis)
     colours = group_colours(len(centres))  # (G, 4)
     point_colours = group_point_colours(len(xyz), groups)  # (N, 4)
-    shown = lambda rows: (xyz[rows][:, axis] for axis in order)  # noqa: E731
+    shown = lambda rows: (xyz[rows][:, axis] for axis in order)
     ax.scatter(*shown(slice(None)), c=point_colours, s=point_size, depthshade=False, linewidths=0)
     ax.scatter(*shown(centres), c=colours, s=centre_size, edgecolors="black", linewidths=0.8, depthshade=False)
     _finish_axes(ax, xyz, up_axis, title, elev, azim)

@@ -42,8 +42,9 @@ What later parts rely on:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -55,11 +56,11 @@ from course_lib.points.sampling import check_point_batch
 from course_lib.transformer import BlockConfig, PreNormBlock
 
 __all__ = [
-    "PointMAEConfig",
-    "MiniPointNet",
-    "PatchEmbedding",
     "CentreEmbedding",
     "ClassificationHead",
+    "MiniPointNet",
+    "PatchEmbedding",
+    "PointMAEConfig",
     "PointMAEEncoder",
     "extract_features",
 ]

@@ -13,12 +13,12 @@ so G steps cost O(G * N) per cloud. Point-MAE's tokenizer uses it to place its p
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_point_batch", "check_finite", "farthest_point_sample"]
+__all__ = ["check_finite", "check_point_batch", "farthest_point_sample"]
 
 
 def check_point_batch(points: Tensor, name: str = "points") -> None:

@@ -42,7 +42,7 @@ from course_lib.points.transforms import UP_AXIS, axis_index
 
 _UP = axis_index(UP_AXIS)  # y
 
-__all__ = ["SCAN_VARIANTS", "Scene", "build_scene", "scan_views", "resample_indices"]
+__all__ = ["SCAN_VARIANTS", "Scene", "build_scene", "resample_indices", "scan_views"]
 
 #: The three scan-like variants, named as in ScanObjectNN (lower case).
 SCAN_VARIANTS: tuple[str, ...] = ("obj_only", "obj_bg", "pb_t50_rs")

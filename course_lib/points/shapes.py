@@ -20,7 +20,7 @@ Conventions, shared by the whole embedded data set:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import open3d as o3d
@@ -28,11 +28,11 @@ import open3d as o3d
 from course_lib.points.transforms import UP_AXIS, axis_index
 
 __all__ = [
-    "CLASS_NAMES",
     "BUILDERS",
+    "CLASS_NAMES",
     "build_mesh",
-    "sample_surface",
     "rotation_about_axis",
+    "sample_surface",
 ]
 
 #: ScanObjectNN's 15 classes, in ScanObjectNN's label order.

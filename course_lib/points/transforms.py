@@ -23,10 +23,10 @@ from torch import Tensor
 __all__ = [
     "UP_AXIS",
     "axis_index",
+    "jitter",
     "normalize_to_unit_sphere",
     "random_scale_translate",
     "rotate_about_up_axis",
-    "jitter",
 ]
 
 #: The course's default up axis.
