@@ -22,16 +22,20 @@ from course_lib.meft.model import (
     MEFT_VARIANTS,
     AdapterOnly,
     BlockWithAdapter,
+    MEFTConfig,
     MEFTEncoder,
     MEFTForSequenceClassification,
     MEFTVariant,
     make_meft_adapter,
+    meft,
     meft_from_hf,
 )
 from course_lib.meft.reversible import ReversibleStackFunction, reversible_stack, run_couplings
 from course_lib.meft.rounding import pack_parity, round_with_parity
 
 __all__ = [
+    "MEFTConfig",
+    "meft",
     "ReversibleCoupling",
     "reversible_and_plain_gradients",
     "gradient_errors",

@@ -43,7 +43,9 @@ Derived in notebooks/part4_meft/32_meft.ipynb.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,17 +53,19 @@ from torch import nn
 
 from course_lib.meft.coupling import ReversibleCoupling
 from course_lib.meft.reversible import reversible_stack, run_couplings
+from course_lib.meters.parameters import count_parameters
 from course_lib.peft.adapters import BottleneckAdapter
+from course_lib.report import PEFTReport, trainable_parts
 from course_lib.transformer import BertBlock
 
 __all__ = [
-    "MEFTVariant",
     "MEFT_VARIANTS",
-    "BlockWithAdapter",
     "AdapterOnly",
-    "make_meft_adapter",
+    "BlockWithAdapter",
     "MEFTEncoder",
     "MEFTForSequenceClassification",
+    "MEFTVariant",
+    "make_meft_adapter",
     "meft_from_hf",
 ]
 
@@ -275,6 +279,68 @@ class MEFTForSequenceClassification(nn.Module):
 def _make_part(kind: str, block: BertBlock, dim: int, bottleneck: int, std: float) -> nn.Module:
     adapter = make_meft_adapter(dim, bottleneck, std)
     return AdapterOnly(adapter) if kind == "adapter" else BlockWithAdapter(block, kind, adapter)
+
+
+@dataclass(frozen=True)
+class MEFTConfig:
+    """Settings of MEFT, the config form of `meft_from_hf`'s keywords (see there for each).
+
+    `variant`: "meft1", "meft2" or "meft3" (a `MEFTVariant` for a custom one)."""
+
+    variant: str | MEFTVariant = "meft1"
+    adapter_bottleneck: int = 8
+    adapter_std: float = 0.02
+    lambda_: float | None = None
+    beta: float | None = None
+    num_reversible_layers: int | None = None
+    reversible: bool = True
+    train_layer_norms: bool = False
+    stream_dtype: torch.dtype | None = torch.float64
+    exact_inputs: bool = True
+
+    method = "meft"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.variant, str) and self.variant.lower() not in MEFT_VARIANTS:
+            raise ValueError(f"unknown MEFT variant {self.variant!r}; choose one of {list(MEFT_VARIANTS)} or pass a MEFTVariant")
+        if self.adapter_bottleneck < 1:
+            raise ValueError(f"adapter_bottleneck must be a positive int, got {self.adapter_bottleneck}")
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        variant = values["variant"]
+        values["variant"] = variant if isinstance(variant, str) else dataclasses.asdict(variant)
+        values["stream_dtype"] = None if self.stream_dtype is None else str(self.stream_dtype).removeprefix("torch.")
+        return values
+
+
+def meft(model: nn.Module, config: MEFTConfig | None = None) -> tuple[nn.Module, PEFTReport]:
+    """MEFT from a Hugging Face BERT-family model: (the new reversible model, its report).
+
+    Not in place: the model passed in is left unchanged and `report.in_place` is False (MEFT
+    rebuilds every layer as a reversible coupling). The new model keeps `config` as `.meft_config`.
+    Derived in notebooks/part4_meft/32_meft.ipynb.
+    """
+    config = config or MEFTConfig()
+    options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "variant"}
+    result = meft_from_hf(model, config.variant, **options)
+    result.meft_config = config
+    counts = count_parameters(result)
+    variant = config.variant if isinstance(config.variant, str) else config.variant.name
+    encoder = getattr(result, "encoder", result)
+    prefix = "encoder.couplings" if encoder is not result else "couplings"
+    changed = [f"{prefix}.{i}" for i in range(len(encoder.couplings))]
+    report = PEFTReport(method=variant, trainable=counts.trainable, total=counts.total, changed=changed,
+                        parts=trainable_parts(result, _meft_part), in_place=False, config=config)  # fmt: skip
+    return result, report
+
+
+def _meft_part(name: str) -> str:
+    if ".adapter." in name or name.split(".")[-2].startswith("adapter"):
+        return "adapters"
+    if "classifier" in name:
+        return "classifier"
+    return "layer norms" if "norm" in name else name.split(".")[0]
 
 
 def meft_from_hf(

@@ -26,11 +26,13 @@ from course_lib.peft.bitfit import BitFitConfig, bias_parameters
 from course_lib.peft.ia3 import IA3Config, IA3Linear
 from course_lib.peft.inject import (
     METHODS,
+    PEFT_METHODS,
     InjectionReport,
     PEFTConfig,
     inject_peft,
     merge_and_unload,
     peft_module_names,
+    register_peft_method,
     remove_peft,
     unload,
 )
@@ -48,6 +50,7 @@ from course_lib.peft.saving import load_adapter, save_adapter, trainable_state_d
 __all__ = [
     "ADAPTER_PLACEMENTS",
     "METHODS",
+    "PEFT_METHODS",
     "AdapterConfig",
     "BitFitConfig",
     "BottleneckAdapter",
@@ -74,6 +77,7 @@ __all__ = [
     "merge_and_unload",
     "name_matches",
     "peft_module_names",
+    "register_peft_method",
     "remove_peft",
     "save_adapter",
     "trainable_state_dict",

@@ -17,6 +17,7 @@ Derived in notebooks/part1_foundations/02_peft_zoo.ipynb.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, Union
 
@@ -45,14 +46,17 @@ from course_lib.peft.prompt_tuning import (
     PromptTuningConfig,
     looks_like_bert_model,
 )
+from course_lib.report import PEFTReport, trainable_parts
 
 __all__ = [
     "METHODS",
+    "PEFT_METHODS",
     "InjectionReport",
     "PEFTConfig",
     "inject_peft",
     "merge_and_unload",
     "peft_module_names",
+    "register_peft_method",
     "remove_peft",
     "unload",
 ]
@@ -84,34 +88,34 @@ _DEFAULT = object()
 
 
 @dataclass
-class InjectionReport:
-    """What `inject_peft` did: the method, the modules it replaced or changed, parameter counts."""
+class InjectionReport(PEFTReport):
+    """What `inject_peft` did: a `course_lib.report.PEFTReport` (in place: the model passed in is
+    the one to train) plus the modules kept trainable beside the method's own parameters.
 
-    method: str
-    replaced: list[str]
-    trainable_params: int
-    total_params: int
+    `replaced`, `trainable_params` and `total_params` are the earlier names of `changed`,
+    `trainable` and `total`."""
+
     trainable_modules: list[str] = field(default_factory=list)
-    config: Any = field(default=None, repr=False)  # the PEFTConfig that was applied
-    trainable_pct: float = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.trainable_pct = 100.0 * self.trainable_params / max(self.total_params, 1)
+    @property
+    def replaced(self) -> list[str]:
+        return self.changed
 
-    def __str__(self) -> str:
-        shown = ", ".join(self.replaced[:3]) + (", ..." if len(self.replaced) > 3 else "")
-        return (
-            f"{self.method}: {len(self.replaced)} modules changed ({shown}); "
-            f"{self.trainable_params:,} / {self.total_params:,} parameters trainable ({self.trainable_pct:.2f}%)"
-        )
+    @property
+    def trainable_params(self) -> int:
+        return self.trainable
+
+    @property
+    def total_params(self) -> int:
+        return self.total
 
     def to_markdown(self) -> str:
         """A small Markdown table, for notebooks and result pages."""
         rows = [
             ("method", self.method),
-            ("modules changed", f"{len(self.replaced)}"),
-            ("trainable parameters", f"{self.trainable_params:,}"),
-            ("total parameters", f"{self.total_params:,}"),
+            ("modules changed", f"{len(self.changed)}"),
+            ("trainable parameters", f"{self.trainable:,}"),
+            ("total parameters", f"{self.total:,}"),
             ("trainable %", f"{self.trainable_pct:.3f}"),
             ("also trainable", ", ".join(self.trainable_modules) or "-"),
         ]
@@ -120,7 +124,7 @@ class InjectionReport:
 
 def _make_config(method: str | PEFTConfig, options: dict[str, Any]) -> PEFTConfig:
     if not isinstance(method, str):
-        if type(method) not in METHODS.values():
+        if type(method) not in PEFT_METHODS:
             raise TypeError(f"method must be a method name or a config object, got {type(method).__name__}")
         if options:
             raise TypeError(f"give options either in the config or as keywords, not both: {sorted(options)}")
@@ -179,117 +183,159 @@ def _output_width(module: nn.Module, name: str) -> int:
     return linear_layout(linears[-1]).out_features
 
 
-def _apply(model: nn.Module, config: PEFTConfig) -> tuple[list[str], list[nn.Parameter]]:
-    """Replace the targeted modules; return their names and the new (trainable) parameters."""
+def _apply_lora(model: nn.Module, config: LoRAConfig) -> tuple[list[str], list[nn.Parameter]]:
     modules = dict(model.named_modules())
     new_parameters: list[nn.Parameter] = []
+    pattern = config.target_modules
+    if pattern is None:
+        pattern = _default_targets(model, "lora", _BERT_LORA_TARGETS)
+    names = matching_module_names(model, pattern, module_type=is_linear_like)
+    for name in names:
+        wrapper = LoRALinear(modules[name], r=config.r, alpha=config.alpha, dropout=config.dropout)
+        _replace_module(model, name, wrapper)
+        new_parameters += [wrapper.lora_A, wrapper.lora_B]
+    return names, new_parameters
 
-    if isinstance(config, LoRAConfig):
-        pattern = config.target_modules
-        if pattern is None:
-            pattern = _default_targets(model, "lora", _BERT_LORA_TARGETS)
-        names = matching_module_names(model, pattern, module_type=is_linear_like)
-        for name in names:
-            wrapper = LoRALinear(modules[name], r=config.r, alpha=config.alpha, dropout=config.dropout)
-            _replace_module(model, name, wrapper)
-            new_parameters += [wrapper.lora_A, wrapper.lora_B]
-        return names, new_parameters
 
-    if isinstance(config, IA3Config):
-        pattern = config.target_modules
-        if pattern is None:
-            pattern = _default_targets(model, "ia3", _BERT_IA3_TARGETS)
-        feedforward = config.feedforward_modules
-        if feedforward is None:
-            feedforward = _BERT_IA3_FEEDFORWARD if config.target_modules is None else []
-        names = matching_module_names(model, pattern, module_type=is_linear_like)
-        for name in names:
-            # peft: a name is feed-forward when it ends with a feedforward_modules entry
-            is_feedforward = (
-                name_matches(name, feedforward)
-                if isinstance(feedforward, str)
-                else any(name.endswith(item) for item in feedforward)
-            )
-            wrapper = IA3Linear(modules[name], feedforward=is_feedforward)
-            _replace_module(model, name, wrapper)
-            new_parameters.append(wrapper.scale)
-        return names, new_parameters
-
-    if isinstance(config, AdapterConfig):
-        pattern = config.target_modules
-        if pattern is None:
-            pattern = _default_targets(model, f"{config.placement} adapters", BERT_ADAPTER_TARGETS[config.placement])
-        names = matching_module_names(model, pattern)
-        for name in names:
-            base = modules[name]
-            width = _output_width(base, name)
-            adapter = BottleneckAdapter(
-                width, config.bottleneck_for(width), activation=config.activation, scale=config.scale_or_default()
-            )
-            reference = next(base.parameters(), None)
-            if reference is not None:
-                adapter.to(device=reference.device, dtype=reference.dtype)
-            wrapper = ParallelAdapter(base, adapter) if config.placement == "parallel" else SerialAdapter(base, adapter)
-            _replace_module(model, name, wrapper)
-            new_parameters += list(adapter.parameters())
-        return names, new_parameters
-
-    if isinstance(config, BitFitConfig):
-        if config.target_modules is not None:
-            matching_module_names(model, config.target_modules)  # a clear error if nothing matches
-        biases = bias_parameters(model, config.target_modules)
-        if not biases:
-            raise ValueError(f"BitFit found no bias parameter in the modules of {type(model).__name__} "
-                             f"matching {config.target_modules!r}")
-        return list(biases), list(biases.values())
-
-    if isinstance(config, PrefixTuningConfig):
-        attentions = [name for name, module in modules.items() if looks_like_bert_self_attention(module)]
-        if not attentions:
-            raise ValueError(
-                f"prefix tuning needs a BERT-family model (BertModel, BertFor*, ...): {type(model).__name__} "
-                "has no self-attention module with query/key/value layers"
-            )
-        names = attentions
-        if config.target_modules is not None:
-            matched = set(matching_module_names(model, config.target_modules))
-            names = [name for name in attentions if name in matched]
-            if not names:
-                raise ValueError(f"target_modules={config.target_modules!r} matches none of the self-attention "
-                                 f"modules {attentions[:4]}...")
-        for name in names:
-            wrapper = PrefixSelfAttention(
-                modules[name], config.num_virtual_tokens, projection_dim=config.projection_dim, init_std=config.init_std
-            )
-            _replace_module(model, name, wrapper)
-            new_parameters += [p for n, p in wrapper.named_parameters() if not n.startswith("base.")]
-        return names, new_parameters
-
-    if isinstance(config, PromptTuningConfig):
-        berts = [name for name, module in modules.items() if looks_like_bert_model(module)]
-        if not berts:
-            raise ValueError(
-                f"prompt tuning needs a BERT-family model (BertModel, BertFor*): {type(model).__name__} has no module "
-                "with .embeddings.word_embeddings and .encoder"
-            )
-        name = berts[0]  # the outermost one
-        if config.target_modules is not None:
-            matching = set(matching_module_names(model, config.target_modules))
-            matched = [n for n in berts if n in matching]
-            if not matched:
-                raise ValueError(f"target_modules={config.target_modules!r} matches no BERT-family model; "
-                                 f"candidates: {berts}")
-            name = matched[0]
-        bert = modules[name]
-        word_embeddings = bert.embeddings.word_embeddings
-        prompts = PromptEmbedding(
-            config.num_virtual_tokens, word_embeddings.embedding_dim, word_embeddings=word_embeddings, init=config.init
+def _apply_ia3(model: nn.Module, config: IA3Config) -> tuple[list[str], list[nn.Parameter]]:
+    modules = dict(model.named_modules())
+    new_parameters: list[nn.Parameter] = []
+    pattern = config.target_modules
+    if pattern is None:
+        pattern = _default_targets(model, "ia3", _BERT_IA3_TARGETS)
+    feedforward = config.feedforward_modules
+    if feedforward is None:
+        feedforward = _BERT_IA3_FEEDFORWARD if config.target_modules is None else []
+    names = matching_module_names(model, pattern, module_type=is_linear_like)
+    for name in names:
+        # peft: a name is feed-forward when it ends with a feedforward_modules entry
+        is_feedforward = (
+            name_matches(name, feedforward)
+            if isinstance(feedforward, str)
+            else any(name.endswith(item) for item in feedforward)
         )
-        prompts.train(bert.training)
-        prompts.attach(bert)
-        return [name or type(model).__name__], [prompts.weight]
+        wrapper = IA3Linear(modules[name], feedforward=is_feedforward)
+        _replace_module(model, name, wrapper)
+        new_parameters.append(wrapper.scale)
+    return names, new_parameters
 
-    raise TypeError(f"unsupported config {type(config).__name__}")  # pragma: no cover
+
+def _apply_adapter(model: nn.Module, config: AdapterConfig) -> tuple[list[str], list[nn.Parameter]]:
+    modules = dict(model.named_modules())
+    new_parameters: list[nn.Parameter] = []
+    pattern = config.target_modules
+    if pattern is None:
+        pattern = _default_targets(model, f"{config.placement} adapters", BERT_ADAPTER_TARGETS[config.placement])
+    names = matching_module_names(model, pattern)
+    for name in names:
+        base = modules[name]
+        width = _output_width(base, name)
+        adapter = BottleneckAdapter(
+            width, config.bottleneck_for(width), activation=config.activation, scale=config.scale_or_default()
+        )
+        reference = next(base.parameters(), None)
+        if reference is not None:
+            adapter.to(device=reference.device, dtype=reference.dtype)
+        wrapper = ParallelAdapter(base, adapter) if config.placement == "parallel" else SerialAdapter(base, adapter)
+        _replace_module(model, name, wrapper)
+        new_parameters += list(adapter.parameters())
+    return names, new_parameters
+
+
+def _apply_bitfit(model: nn.Module, config: BitFitConfig) -> tuple[list[str], list[nn.Parameter]]:
+    if config.target_modules is not None:
+        matching_module_names(model, config.target_modules)  # a clear error if nothing matches
+    biases = bias_parameters(model, config.target_modules)
+    if not biases:
+        raise ValueError(f"BitFit found no bias parameter in the modules of {type(model).__name__} "
+                         f"matching {config.target_modules!r}")
+    return list(biases), list(biases.values())
+
+
+def _apply_prefix_tuning(model: nn.Module, config: PrefixTuningConfig) -> tuple[list[str], list[nn.Parameter]]:
+    modules = dict(model.named_modules())
+    new_parameters: list[nn.Parameter] = []
+    attentions = [name for name, module in modules.items() if looks_like_bert_self_attention(module)]
+    if not attentions:
+        raise ValueError(
+            f"prefix tuning needs a BERT-family model (BertModel, BertFor*, ...): {type(model).__name__} "
+            "has no self-attention module with query/key/value layers"
+        )
+    names = attentions
+    if config.target_modules is not None:
+        matched = set(matching_module_names(model, config.target_modules))
+        names = [name for name in attentions if name in matched]
+        if not names:
+            raise ValueError(f"target_modules={config.target_modules!r} matches none of the self-attention "
+                             f"modules {attentions[:4]}...")
+    for name in names:
+        wrapper = PrefixSelfAttention(
+            modules[name], config.num_virtual_tokens, projection_dim=config.projection_dim, init_std=config.init_std
+        )
+        _replace_module(model, name, wrapper)
+        new_parameters += [p for n, p in wrapper.named_parameters() if not n.startswith("base.")]
+    return names, new_parameters
+
+
+def _apply_prompt_tuning(model: nn.Module, config: PromptTuningConfig) -> tuple[list[str], list[nn.Parameter]]:
+    modules = dict(model.named_modules())
+    berts = [name for name, module in modules.items() if looks_like_bert_model(module)]
+    if not berts:
+        raise ValueError(
+            f"prompt tuning needs a BERT-family model (BertModel, BertFor*): {type(model).__name__} has no module "
+            "with .embeddings.word_embeddings and .encoder"
+        )
+    name = berts[0]  # the outermost one
+    if config.target_modules is not None:
+        matching = set(matching_module_names(model, config.target_modules))
+        matched = [n for n in berts if n in matching]
+        if not matched:
+            raise ValueError(f"target_modules={config.target_modules!r} matches no BERT-family model; "
+                             f"candidates: {berts}")
+        name = matched[0]
+    bert = modules[name]
+    word_embeddings = bert.embeddings.word_embeddings
+    prompts = PromptEmbedding(
+        config.num_virtual_tokens, word_embeddings.embedding_dim, word_embeddings=word_embeddings, init=config.init
+    )
+    prompts.train(bert.training)
+    prompts.attach(bert)
+    return [name or type(model).__name__], [prompts.weight]
+
+
+#: How each method is put on a model: config class -> function(model, config) returning the
+#: names of the modules it changed and the new (trainable) parameters, as peft's tuners own their
+#: layers. `register_peft_method` adds one; `inject_peft` dispatches on the config's type.
+PEFT_METHODS: dict[type, Callable[[nn.Module, Any], tuple[list[str], list[nn.Parameter]]]] = {
+    LoRAConfig: _apply_lora,
+    IA3Config: _apply_ia3,
+    AdapterConfig: _apply_adapter,
+    BitFitConfig: _apply_bitfit,
+    PrefixTuningConfig: _apply_prefix_tuning,
+    PromptTuningConfig: _apply_prompt_tuning,
+}
+
+
+def register_peft_method(
+    config_class: type, apply: Callable[[nn.Module, Any], tuple[list[str], list[nn.Parameter]]], name: str | None = None
+) -> None:
+    """Teach `inject_peft` a method of your own: `apply(model, config)` changes `model` in place and
+    returns (names of the modules it changed, its new trainable parameters); `config_class` needs
+    a `method` attribute (its name). `name` (default `config_class.method`) becomes a method
+    name `inject_peft(model, name, **options)` accepts."""
+    if not isinstance(config_class, type) or not hasattr(config_class, "method"):
+        raise TypeError("config_class must be a class with a `method` attribute (the method's name)")
+    PEFT_METHODS[config_class] = apply
+    METHODS[name or config_class.method] = config_class
+
+
+def _apply(model: nn.Module, config: Any) -> tuple[list[str], list[nn.Parameter]]:
+    """Replace the targeted modules; return their names and the new (trainable) parameters."""
+    apply = PEFT_METHODS.get(type(config))
+    if apply is None:
+        raise TypeError(f"no PEFT method is registered for {type(config).__name__}; known: "
+                        f"{sorted(c.__name__ for c in PEFT_METHODS)}")  # fmt: skip
+    return apply(model, config)
 
 
 def inject_peft(
@@ -354,8 +400,8 @@ def inject_peft(
 
     counts = count_parameters(model)  # the course's parameter meter (notebook 03)
     report = InjectionReport(
-        method=config.method, replaced=replaced, trainable_params=counts.trainable, total_params=counts.total,
-        trainable_modules=keep, config=config,
+        method=config.method, trainable=counts.trainable, total=counts.total, changed=replaced,
+        parts=trainable_parts(model), in_place=True, config=config, trainable_modules=keep,
     )
     # remembered on the model for save_adapter; an object attribute, not a module or a parameter
     model.__dict__.setdefault(_REPORTS, []).append(report)

@@ -45,12 +45,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from course_lib.point_peft.adapter import GeometryAwareAdapter, LocalGroupAttention, TokenGrouping, group_tokens
+from course_lib.point_peft.adapter import (
+    GeometryAwareAdapter,
+    LocalGroupAttention,
+    TokenGrouping,
+    group_tokens,
+)
 from course_lib.point_peft.memory_bank import MemoryBank, encoder_sha256
-from course_lib.point_peft.prompt import PointPriorPrompt, insert_prompts, parameter_free_attention, remove_prompts
+from course_lib.point_peft.prompt import (
+    PointPriorPrompt,
+    insert_prompts,
+    parameter_free_attention,
+    remove_prompts,
+)
 from course_lib.points.point_mae import PointMAEEncoder
+from course_lib.report import PEFTReport
 
-__all__ = ["PointPEFTConfig", "PointPEFTReport", "PointPEFTModel", "point_peft", "ABLATIONS"]
+__all__ = ["ABLATIONS", "PointPEFTConfig", "PointPEFTModel", "PointPEFTReport", "point_peft"]
 
 #: Named switches for the ablations of notebook 16.
 ABLATIONS: dict[str, dict[str, bool]] = {
@@ -167,19 +178,20 @@ class PointPEFTConfig:
         return dataclasses.asdict(self)
 
 
-@dataclass(frozen=True)
-class PointPEFTReport:
-    """Trainable and total parameters of a Point-PEFT model (the frozen query-encoder copy aside)."""
+@dataclass
+class PointPEFTReport(PEFTReport):
+    """A `course_lib.report.PEFTReport` of a Point-PEFT model (the frozen query-encoder copy
+    aside), with the head's share and the copy's size. `per_part` is the earlier name of `parts`.
 
-    trainable: int
-    total: int
-    head: int
-    per_part: dict[str, int]
-    query_encoder: int
+    `point_peft` wraps the encoder it is given (in place: the encoder's own parameters are
+    frozen there and it lives on inside the returned wrapper, which is the model to train)."""
+
+    head: int = 0
+    query_encoder: int = 0
 
     @property
-    def trainable_pct(self) -> float:
-        return 100.0 * self.trainable / self.total
+    def per_part(self) -> dict[str, int]:
+        return self.parts
 
     @property
     def trainable_pct_without_head(self) -> float:
@@ -191,7 +203,7 @@ class PointPEFTReport:
             f"trainable {self.trainable:,} of {self.total:,} parameters ({self.trainable_pct:.2f}%; "
             f"{self.trainable_pct_without_head:.2f}% without the {self.head:,}-parameter head)"
         ]
-        lines += [f"  {name:<22} {count:>10,}" for name, count in self.per_part.items()]
+        lines += [f"  {name:<22} {count:>10,}" for name, count in self.parts.items()]
         if self.query_encoder:
             lines.append(f"  (+ {self.query_encoder:,} frozen in the query-encoder copy, not counted)")
         return "\n".join(lines)
@@ -310,7 +322,9 @@ class PointPEFTModel(nn.Module):
                 part = "block biases" if inner.startswith("blocks.") else inner.split(".")[0]
                 per_part[part] = per_part.get(part, 0) + n
         head = sum(p.numel() for p in self.encoder.head.parameters() if p.requires_grad)
-        return PointPEFTReport(trainable, total, head, per_part, query)
+        changed = sorted({name.split(".")[0] for name, _ in self.named_children() if name not in ("encoder", "query_encoder")})
+        return PointPEFTReport(method="point_peft", trainable=trainable, total=total, changed=changed, parts=per_part,
+                               in_place=True, config=self.config, head=head, query_encoder=query)  # fmt: skip
 
     def train(self, mode: bool = True) -> PointPEFTModel:
         super().train(mode)
@@ -349,7 +363,7 @@ class PointPEFTModel(nn.Module):
         grouping_plain = grouping_prompted = None
         if self.local_attention is not None:
             k, n = self.config.anchor_neighbours, self.config.propagation_neighbours
-            group = lambda xyz, lead: group_tokens(xyz, self.num_anchors, k, lead, n)  # noqa: E731
+            group = lambda xyz, lead: group_tokens(xyz, self.num_anchors, k, lead, n)
             if len(self.prompts) < len(self.encoder.blocks) or self.prompt_coordinates is None:
                 grouping_plain = group(centres, 0)  # patch tokens only
             if len(self.prompts) > 0 and self.prompt_coordinates is not None:
