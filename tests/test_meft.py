@@ -8,6 +8,7 @@ Hugging Face BertLayer, never the code under test.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -384,3 +385,66 @@ def test_gradient_errors_by_hand():
         gradient_errors({"a": reference["a"]}, reference)
     with pytest.raises(TypeError, match="reversible"):
         reversible_and_plain_gradients(nn.Linear(2, 2), {})
+
+
+# ------------------------------------------------------------------------------- RoBERTa (issue 14)
+
+
+@pytest.fixture(scope="module")
+def tiny_roberta():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=64, num_labels=3, max_position_embeddings=40, pad_token_id=1)  # fmt: skip
+    return transformers.RobertaForSequenceClassification(config).eval()
+
+
+@pytest.fixture(scope="module")
+def roberta_batch():
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 2])}
+
+
+def test_meft_on_roberta_keeps_the_starting_point(tiny_roberta, roberta_batch):
+    ids, mask = roberta_batch["input_ids"], roberta_batch["attention_mask"]
+    with torch.no_grad():
+        reference = tiny_roberta.roberta(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.manual_seed(0)
+    for name in MEFT_VARIANTS:
+        model = meft_from_hf(tiny_roberta, name).eval()
+        assert model.head_reads_sequence and model.num_labels == 3
+        with torch.no_grad():
+            streams = model.encoder.streams(ids, mask)
+        best = max(nn.functional.cosine_similarity(s.float()[real], reference[real], dim=-1).mean().item() for s in streams)
+        assert best > 0.95, name
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".adapter." in n or n.startswith("classifier.") for n in trainable)
+    assert {"classifier.dense.weight", "classifier.out_proj.weight"} <= trainable  # RoBERTa's whole head trains
+
+
+@pytest.mark.parametrize("variant", ["meft1", "meft3"])
+def test_meft_on_roberta_custom_backward_matches_autograd_float64(tiny_roberta, roberta_batch, variant):
+    torch.manual_seed(0)
+    model = meft_from_hf(copy.deepcopy(tiny_roberta).double(), variant).train()
+    reversible_grads, plain_grads = reversible_and_plain_gradients(model, roberta_batch, seed=5)
+    assert reversible_grads.keys() == plain_grads.keys()
+    for name in reversible_grads:
+        assert torch.allclose(reversible_grads[name], plain_grads[name], rtol=1e-7, atol=1e-10), name
+
+
+def test_meft_on_roberta_memory_is_flat_in_depth(roberta_batch):
+    transformers = pytest.importorskip("transformers")
+    sizes = {}
+    for depth in (2, 4):
+        torch.manual_seed(0)
+        config = transformers.RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=depth, num_attention_heads=4,
+                                            intermediate_size=64, num_labels=3, max_position_embeddings=40, pad_token_id=1)  # fmt: skip
+        model = meft_from_hf(transformers.RobertaForSequenceClassification(config), "meft2").train()
+        sizes[depth] = measure_activation_memory(lambda: model(**roberta_batch).loss, model, backward=False).activation_bytes
+    B, T = roberta_batch["input_ids"].shape
+    per_layer = 2 * (torch.get_rng_state().numel() + math.ceil(B * T * 32 / 8))  # RNG states and parity bits of F, G
+    assert sizes[4] - sizes[2] == 2 * per_layer

@@ -242,7 +242,8 @@ class MEFTEncoder(nn.Module):
 
 
 class MEFTForSequenceClassification(nn.Module):
-    """MEFTEncoder + the Hugging Face model's pooler (frozen), dropout and classifier (trained).
+    """MEFTEncoder + the Hugging Face model's head: BERT's pooler (frozen), dropout and classifier
+    (trained), or RoBERTa's classification head (dense, tanh, out_proj on the first token; trained).
 
     Called like `BertForSequenceClassification`; returns a `SequenceClassifierOutput` with
     `.logits` (B, num_labels) and `.loss` (cross-entropy) when `labels` are given.
@@ -250,13 +251,17 @@ class MEFTForSequenceClassification(nn.Module):
     Derived in notebooks/part4_meft/32_meft.ipynb.
     """
 
-    def __init__(self, encoder: MEFTEncoder, pooler: nn.Module | None, dropout: float, classifier: nn.Module) -> None:
+    def __init__(self, encoder: MEFTEncoder, pooler: nn.Module | None, dropout: float, classifier: nn.Module,
+                 *, head_reads_sequence: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.encoder = encoder
         self.pooler = pooler
         self.dropout = nn.Dropout(dropout)
         self.classifier = classifier
-        self.num_labels = classifier.out_features
+        # RoBERTa's head takes the whole sequence (B, T, C) and picks the first token itself
+        self.head_reads_sequence = head_reads_sequence
+        last = classifier.out_proj if head_reads_sequence else classifier
+        self.num_labels = last.out_features
 
     @property
     def reversible(self) -> bool:
@@ -270,8 +275,11 @@ class MEFTForSequenceClassification(nn.Module):
         from transformers.modeling_outputs import SequenceClassifierOutput
 
         hidden = self.encoder(input_ids, attention_mask, token_type_ids, inputs_embeds)  # (B, T, C)
-        pooled = self.pooler(hidden) if self.pooler is not None else hidden[:, 0]  # (B, C): the [CLS] token
-        logits = self.classifier(self.dropout(pooled))  # (B, num_labels)
+        if self.head_reads_sequence:
+            logits = self.classifier(hidden)  # (B, num_labels): dropout, dense, tanh, dropout, out_proj on token 0
+        else:
+            pooled = self.pooler(hidden) if self.pooler is not None else hidden[:, 0]  # (B, C): the [CLS] token
+            logits = self.classifier(self.dropout(pooled))  # (B, num_labels)
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
@@ -359,8 +367,10 @@ def meft_from_hf(
 ) -> MEFTEncoder | MEFTForSequenceClassification:
     """MEFT built from a Hugging Face BERT-family model; the model passed in is left unchanged.
 
-    `model`: a `BertModel` (-> `MEFTEncoder`, returns hidden states) or a model with `.bert`
-    and `.classifier` such as `BertForSequenceClassification` (-> `MEFTForSequenceClassification`).
+    `model`: a `BertModel` or `RobertaModel` (-> `MEFTEncoder`, returns hidden states) or a task
+    model around one, `BertForSequenceClassification` or `RobertaForSequenceClassification`
+    (-> `MEFTForSequenceClassification` with that model's head). Decoders (GPT-2, OPT) are not
+    supported yet: TypeError.
     `variant`: "meft1", "meft2", "meft3" or a `MEFTVariant`; `lambda_` / `beta` override its
     scales (e.g. 1 and 1 for a RevNet-style coupling that breaks the starting point).
     `stream_dtype`: dtype of the two streams (default float64, the layers stay in the model's
@@ -381,13 +391,16 @@ def meft_from_hf(
         raise TypeError(f"variant must be a name or a MEFTVariant, got {type(variant).__name__}")
     if adapter_bottleneck < 1:
         raise ValueError(f"adapter_bottleneck must be a positive int, got {adapter_bottleneck}")
-    base = getattr(model, "bert", model)
+    # the encoder inside a task model: .bert, .roberta, ... (Hugging Face's base_model_prefix)
+    prefix = getattr(model, "base_model_prefix", "bert")
+    base = getattr(model, prefix, None) or getattr(model, "bert", model)
     layers = getattr(getattr(base, "encoder", None), "layer", None)
     embeddings = getattr(base, "embeddings", None)
     if layers is None or embeddings is None:
         raise TypeError(
-            f"meft_from_hf expects a Hugging Face BertModel or BertForSequenceClassification (with .embeddings and "
-            f".encoder.layer), got {type(model).__name__}"
+            f"meft_from_hf expects a Hugging Face BERT-family encoder (BertModel, RobertaModel, or a "
+            f"*ForSequenceClassification around one: .embeddings and .encoder.layer), got {type(model).__name__}. "
+            "Decoders (GPT-2, OPT) are not supported yet"
         )
     reference = next(model.parameters())
     if stream_dtype == reference.dtype:
@@ -420,8 +433,12 @@ def meft_from_hf(
         p = p if p is not None else getattr(config, "hidden_dropout_prob", 0.1)
         pooler = copy.deepcopy(base.pooler) if getattr(base, "pooler", None) is not None else None
         result = MEFTForSequenceClassification(encoder, pooler, p, copy.deepcopy(classifier))
+    elif model is not base and isinstance(getattr(classifier, "out_proj", None), nn.Linear):
+        # RoBERTa: its head reads the sequence (dense + tanh on the first token, then out_proj)
+        result = MEFTForSequenceClassification(encoder, None, 0.0, copy.deepcopy(classifier), head_reads_sequence=True)
     elif model is not base:
-        raise TypeError(f"{type(model).__name__} has .bert but no nn.Linear .classifier; pass its .bert for an encoder")
+        raise TypeError(f"{type(model).__name__} has .{prefix} but no classification head MEFT knows (an nn.Linear "
+                        f".classifier, or RoBERTa's with .out_proj); pass its .{prefix} for an encoder")  # fmt: skip
     # freeze everything pre-trained, then switch on what MEFT trains
     for parameter in result.parameters():
         parameter.requires_grad_(False)
@@ -432,6 +449,6 @@ def meft_from_hf(
             module.attention_norm.requires_grad_(True)
             module.mlp_norm.requires_grad_(True)
     if isinstance(result, MEFTForSequenceClassification):
-        result.classifier.requires_grad_(True)
+        result.classifier.requires_grad_(True)  # the task head (BERT's classifier, RoBERTa's whole head)
     result.train(model.training)
     return result
