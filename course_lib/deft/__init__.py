@@ -11,7 +11,7 @@
                 calibration + bias correction) -> SparsificationReport, `calibrate_thresholds`
 - `loss`        `density_surrogate` a^2 / (a^2 + eps) (`DensitySurrogate`: saves only a),
                 `density_loss`, `DEFTLoss` (a loss_fn for `course_lib.train.train`),
-                `deft_training_step`
+                `deft_training_step`, `deft_compute_loss` (any loop that calls a HF model; Trainer)
 - `sparse_mlp`  the second MLP projection skipping unused rows of W2 (`sparse_second_projection`,
                 `csr_second_projection`, `gather_second_projection`, `SparseSecondProjection`
                 with its `SPARSE_PROJECTION_MODES`; `with_sparse_second_projections` puts them
@@ -39,6 +39,7 @@ from course_lib.deft.loss import (
     DEFAULT_EPS,
     DEFTLoss,
     DensitySurrogate,
+    deft_compute_loss,
     deft_training_step,
     density_loss,
     density_surrogate,
@@ -105,6 +106,7 @@ __all__ = [
     "density_surrogate",
     "density_loss",
     "DEFTLoss",
+    "deft_compute_loss",
     "deft_training_step",
     "active_hidden_units",
     "union_density",

@@ -31,7 +31,7 @@ from torch import nn
 from course_lib.meters.density import ActivationCollector, check_mask_values
 from course_lib.train import default_loss, split_batch
 
-__all__ = ["DEFAULT_EPS", "DensitySurrogate", "density_surrogate", "density_loss", "DEFTLoss", "deft_training_step"]
+__all__ = ["DEFAULT_EPS", "DEFTLoss", "DensitySurrogate", "deft_compute_loss", "deft_training_step", "density_loss", "density_surrogate"]
 
 #: eps of the official DEFT code.
 DEFAULT_EPS: float = 1e-7
@@ -201,6 +201,33 @@ class DEFTLoss:
             f"DEFTLoss(weight={self.weight:g}, eps={self.eps:g}, mask_padding={self.mask_padding}, "
             f"memory_efficient={self.memory_efficient})"
         )
+
+
+def deft_compute_loss(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    *,
+    weight: float = 1.0,
+    eps: float = DEFAULT_EPS,
+    module_pattern: str | None = None,
+    mask_padding: bool = True,
+    memory_efficient: bool = False,
+) -> tuple[torch.Tensor, Any]:
+    """(task loss + w * density loss, the model's outputs) for a Hugging Face style call:
+    `model(**inputs)` must return outputs with `.loss` (give `labels` in `inputs`).
+
+    For any training loop that calls the model with keyword inputs, and for
+    `transformers.Trainer`: override `compute_loss` with it (examples/deft_with_trainer.py).
+    `mask_padding` uses `inputs["attention_mask"]` when there is one.
+    Derived in notebooks/part3_deft/21_density_loss.ipynb.
+    """
+    with ActivationCollector(model, module_pattern, detach=False) as collector:
+        outputs = model(**inputs)
+        if getattr(outputs, "loss", None) is None:
+            raise ValueError("deft_compute_loss: the model returned no .loss; pass the labels in the inputs")
+        mask = inputs.get("attention_mask") if mask_padding else None
+        density = density_loss(collector.activations, mask, eps=eps, memory_efficient=memory_efficient)
+    return outputs.loss + weight * density, outputs
 
 
 def deft_training_step(
