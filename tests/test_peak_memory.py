@@ -1,0 +1,63 @@
+"""course_lib.meters.measure_peak_memory: the peak of live allocated bytes of a step, checked
+against sums written by hand (exact bytes), and its split at the peak."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from course_lib.meters import PEAK_CATEGORIES, measure_peak_memory
+
+
+def test_peak_of_a_step_whose_tensors_are_known():
+    def step():
+        a = torch.ones(1000)  # 4,000 bytes live
+        b = torch.ones(1000)  # 8,000
+        c = torch.cat([a, b])  # 16,000: a, b and c alive together
+        del a, b  # 8,000
+        d = c * c  # 16,000 again
+        del c, d
+
+    report = measure_peak_memory(step)
+    assert report.peak_bytes == 16_000
+    assert sum(report.by_category.values()) == report.peak_bytes and set(report.by_category) == set(PEAK_CATEGORIES)
+
+
+def test_a_bigger_temporary_moves_the_peak():
+    def step():
+        a = torch.ones(1000)  # 4,000
+        big = torch.ones(5000, dtype=torch.float64)  # 44,000
+        del big
+        b = torch.ones(2000)  # 12,000
+        del a, b
+
+    assert measure_peak_memory(step).peak_bytes == 4_000 + 40_000
+
+
+def test_training_step_split_weights_optimizer_state_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 8))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(32, 128), torch.randint(0, 8, (32,))
+
+    def step():
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # the optimizer state exists from now on, as in steady-state training
+    report = measure_peak_memory(step)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())
+    assert report.by_category["parameters"] == weights == report.weights_bytes
+    assert report.by_category["optimizer_state"] == state  # exp_avg, exp_avg_sq and the step counters
+    assert report.peak_bytes >= weights + state + report.by_category["gradients"]
+    assert report.peak_minus_weights_bytes == report.peak_bytes - weights
+    assert report.timeline and max(total for _, total in report.timeline) == report.peak_bytes
+
+
+def test_bad_device():
+    with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+        measure_peak_memory(lambda: None, device="meta")
