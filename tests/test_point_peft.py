@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,11 +16,11 @@ from torch.utils.data import Dataset
 
 from course_lib.point_peft import (
     ABLATIONS,
-    BottleneckAdapter,
     GeometryAwareAdapter,
     IndexedDataset,
     LocalGroupAttention,
     MemoryBank,
+    PointBottleneckAdapter,
     PointPEFTConfig,
     PointPriorPrompt,
     StaleMemoryBankError,
@@ -29,11 +28,11 @@ from course_lib.point_peft import (
     encoder_sha256,
     group_tokens,
     insert_prompts,
-    retrieval_precision,
     load_memory_bank,
     parameter_free_attention,
     point_peft,
     remove_prompts,
+    retrieval_precision,
     save_memory_bank,
 )
 from course_lib.points.point_mae import PointMAEConfig, PointMAEEncoder
@@ -163,13 +162,13 @@ def test_prompt_shapes_gradients_and_insertion():
 
 
 def test_bottleneck_adapter():
-    adapter = BottleneckAdapter(8, 2)
+    adapter = PointBottleneckAdapter(8, 2)
     x = torch.randn(4, 8, requires_grad=True)
     out = adapter(x)
     assert out.shape == (4, 8)
     out.sum().backward()
     assert x.grad is not None and adapter.down.weight.grad.abs().sum() > 0
-    zero = BottleneckAdapter(8, 2, zero_init=True, residual=True)
+    zero = PointBottleneckAdapter(8, 2, zero_init=True, residual=True)
     assert torch.equal(zero(x), x)
 
 
@@ -272,7 +271,7 @@ def test_point_peft_refuses_a_stale_or_mismatched_bank(setup):
 def expected_trainable(config: PointMAEConfig, peft: PointPEFTConfig, prompts: bool = True, adapters: bool = True) -> int:
     """The official trained set, counted by hand."""
     C, P, L, D, r = config.dim, peft.prompt_tokens, peft.prompt_blocks, config.depth, peft.adapter_bottleneck
-    bottleneck = lambda width: C * width + width + width * C + C  # noqa: E731
+    bottleneck = lambda width: C * width + width + width * C + C
     head = sum(p.numel() for p in PointMAEEncoder(config).head.parameters())
     count = 2 * C + 2 * C + head  # CLS token and position, final norm, head
     count += D * (C + 4 * C + C + C + C)  # biases: attention output, fc1 (4C), fc2, two LayerNorms
@@ -412,7 +411,10 @@ def test_config_errors():
 
 
 def test_shipped_checkpoint_trainable_share():
-    from course_lib.points.checkpoint import default_checkpoint_path, load_pretrained_point_mae
+    from course_lib.points.checkpoint import (
+        default_checkpoint_path,
+        load_pretrained_point_mae,
+    )
 
     path = default_checkpoint_path()
     assert path.exists(), f"the shipped checkpoint is missing: {path}"
@@ -442,8 +444,11 @@ def test_same_code_on_a_gpu(setup):
 
 def test_build_memory_bank_script_matches_a_seeded_encoder(tmp_path):
     """The script's bank is accepted by an encoder loaded the same way (same seed, same head size)."""
+    from course_lib.points.checkpoint import (
+        default_checkpoint_path,
+        load_pretrained_point_mae,
+    )
     from course_lib.points.datasets import shape_set_is_current, shapes_path
-    from course_lib.points.checkpoint import default_checkpoint_path, load_pretrained_point_mae
 
     if not default_checkpoint_path().exists() or not shape_set_is_current(shapes_path("obj_only")):
         pytest.skip("needs the shipped checkpoint and the generated obj_only shapes (make data)")

@@ -13,9 +13,9 @@ option and the module docs say so.
 """
 
 from course_lib.point_peft.adapter import (
-    BottleneckAdapter,
     GeometryAwareAdapter,
     LocalGroupAttention,
+    PointBottleneckAdapter,
     QuickGELU,
     TokenGrouping,
     group_tokens,
@@ -31,7 +31,13 @@ from course_lib.point_peft.memory_bank import (
     load_memory_bank,
     save_memory_bank,
 )
-from course_lib.point_peft.model import ABLATIONS, PointPEFTConfig, PointPEFTModel, PointPEFTReport, point_peft
+from course_lib.point_peft.model import (
+    ABLATIONS,
+    PointPEFTConfig,
+    PointPEFTModel,
+    PointPEFTReport,
+    point_peft,
+)
 from course_lib.point_peft.prompt import (
     PointPriorPrompt,
     Retrieval,
@@ -42,30 +48,30 @@ from course_lib.point_peft.prompt import (
 )
 
 __all__ = [
-    "QuickGELU",
-    "BottleneckAdapter",
-    "LocalGroupAttention",
-    "TokenGrouping",
-    "group_tokens",
-    "inverse_distance_weights",
-    "GeometryAwareAdapter",
-    "MemoryBank",
-    "StaleMemoryBankError",
-    "encoder_sha256",
-    "build_memory_bank",
-    "save_memory_bank",
-    "load_memory_bank",
-    "default_memory_bank_path",
-    "IndexedDataset",
-    "Retrieval",
-    "parameter_free_attention",
-    "retrieval_precision",
-    "PointPriorPrompt",
-    "insert_prompts",
-    "remove_prompts",
     "ABLATIONS",
+    "GeometryAwareAdapter",
+    "IndexedDataset",
+    "LocalGroupAttention",
+    "MemoryBank",
+    "PointBottleneckAdapter",
     "PointPEFTConfig",
-    "PointPEFTReport",
     "PointPEFTModel",
+    "PointPEFTReport",
+    "PointPriorPrompt",
+    "QuickGELU",
+    "Retrieval",
+    "StaleMemoryBankError",
+    "TokenGrouping",
+    "build_memory_bank",
+    "default_memory_bank_path",
+    "encoder_sha256",
+    "group_tokens",
+    "insert_prompts",
+    "inverse_distance_weights",
+    "load_memory_bank",
+    "parameter_free_attention",
     "point_peft",
+    "remove_prompts",
+    "retrieval_precision",
+    "save_memory_bank",
 ]

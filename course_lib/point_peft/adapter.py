@@ -52,13 +52,13 @@ from course_lib.points.neighbours import gather_points, knn, pairwise_squared_di
 from course_lib.points.sampling import farthest_point_sample
 
 __all__ = [
-    "QuickGELU",
-    "BottleneckAdapter",
+    "GeometryAwareAdapter",
     "LocalGroupAttention",
+    "PointBottleneckAdapter",
+    "QuickGELU",
     "TokenGrouping",
     "group_tokens",
     "inverse_distance_weights",
-    "GeometryAwareAdapter",
 ]
 
 
@@ -69,8 +69,12 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-class BottleneckAdapter(nn.Module):
+class PointBottleneckAdapter(nn.Module):
     """up(dropout(act(down(x)))), C -> r -> C, plus x when `residual`. (..., C) -> (..., C).
+
+    Point-PEFT's adapter, as the official code writes it: QuickGELU, dropout, an optional
+    residual and Xavier initialisation. It differs from `course_lib.peft.BottleneckAdapter` (Part 1's
+    and MEFT's: a chosen activation, a scale, no dropout, `up` zero-initialised), hence the name.
 
     Initialised as the official code does (Xavier-uniform weights, biases ~ N(0, 1e-6)), or with
     a zero up-projection (`zero_init=True`) so that it starts as 0 (or as the identity).
@@ -212,10 +216,10 @@ class GeometryAwareAdapter(nn.Module):
     ) -> None:
         super().__init__()
         self.mlp_scale, self.anchor_scale, self.propagation_scale = mlp_scale, anchor_scale, propagation_scale
-        self.mlp_adapter = BottleneckAdapter(dim, bottleneck, dropout=dropout, zero_init=zero_init)
+        self.mlp_adapter = PointBottleneckAdapter(dim, bottleneck, dropout=dropout, zero_init=zero_init)
         self.pool_norm = nn.BatchNorm1d(dim)  # BN + GELU after the max-pool (official "out_transform")
         self.pool_activation = nn.GELU()
-        self.final_adapter = BottleneckAdapter(dim, bottleneck, dropout=dropout, residual=True, zero_init=zero_init)
+        self.final_adapter = PointBottleneckAdapter(dim, bottleneck, dropout=dropout, residual=True, zero_init=zero_init)
         if zero_init:
             nn.init.zeros_(self.pool_norm.weight)  # GELU(BN(.)) starts at GELU(0) = 0 (BN's gamma = 0)
 

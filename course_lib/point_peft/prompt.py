@@ -37,19 +37,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from course_lib.point_peft.adapter import BottleneckAdapter
+from course_lib.point_peft.adapter import PointBottleneckAdapter
 from course_lib.points.sampling import check_finite
 
 if TYPE_CHECKING:
     from course_lib.point_peft.memory_bank import MemoryBank
 
 __all__ = [
-    "Retrieval",
-    "parameter_free_attention",
-    "retrieval_precision",
     "PointPriorPrompt",
+    "Retrieval",
     "insert_prompts",
+    "parameter_free_attention",
     "remove_prompts",
+    "retrieval_precision",
 ]
 
 
@@ -110,7 +110,7 @@ def parameter_free_attention(
 
 
 def retrieval_precision(
-    bank: "MemoryBank",
+    bank: MemoryBank,
     query_features: Tensor | None = None,
     query_labels: Tensor | None = None,
     top_k: int = 8,
@@ -172,7 +172,7 @@ class PointPriorPrompt(nn.Module):
         nn.init.trunc_normal_(self.embeddings, std=0.02)
         self.dropout = nn.Dropout(dropout)
         self.retrieval_adapter = (
-            BottleneckAdapter(dim, retrieval_bottleneck, dropout=adapter_dropout, residual=True, zero_init=zero_init)
+            PointBottleneckAdapter(dim, retrieval_bottleneck, dropout=adapter_dropout, residual=True, zero_init=zero_init)
             if retrieval_bottleneck is not None
             else None
         )  # R + Adapter(R), C -> 8 -> C; None when the model has no memory bank
