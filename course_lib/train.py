@@ -22,9 +22,9 @@ import os
 import random
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,9 +33,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from course_lib import config
+from course_lib.batches import (  # re-exported: earlier home
+    call_model,
+    move_to_device,
+    split_batch,
+)
 from course_lib.results import write_json
 
-__all__ = ["set_seed", "split_batch", "move_to_device", "default_loss", "History", "train", "evaluate", "recalibrate_batch_norm"]
+__all__ = ["History", "default_loss", "evaluate", "move_to_device", "recalibrate_batch_norm", "set_seed", "split_batch", "train"]
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -47,38 +52,8 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
-    """(model inputs, labels) of a dict batch with "labels" or of an (inputs, labels) pair."""
-    if isinstance(batch, Mapping):
-        if "labels" not in batch:
-            raise ValueError(f"a dict batch needs a 'labels' entry; it has {sorted(batch)}")
-        return {key: value for key, value in batch.items() if key != "labels"}, batch["labels"]
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise TypeError(
-        f"a batch must be a dict with 'labels' or an (inputs, labels) pair, got {type(batch).__name__}"
-        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-    )
-
-
-def move_to_device(value: Any, device: torch.device) -> Any:
-    """Move tensors inside dicts, lists and tuples to `device`."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {key: move_to_device(item, device) for key, item in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(move_to_device(item, device) for item in value)
-    return value
-
-
 def _call_model(model: nn.Module, inputs: Any) -> torch.Tensor:
-    if isinstance(inputs, Mapping):
-        output = model(**inputs)
-    elif isinstance(inputs, (tuple, list)):
-        output = model(*inputs)
-    else:
-        output = model(inputs)
+    output = call_model(model, inputs)
     if isinstance(output, torch.Tensor):
         return output
     if hasattr(output, "logits"):  # Hugging Face ModelOutput

@@ -26,23 +26,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from course_lib.batches import call_model, model_inputs, move_to_device
 from course_lib.meters.density import (
     ActivationCollector,
     _forward,
     _model_device,
-    _to_device,
     count_active,
     density_over_batches,
     find_activation_modules,
 )
 
 __all__ = [
-    "DensityReport",
     "DensityByPosition",
-    "measure_density",
-    "measure_density_by_position",
+    "DensityReport",
     "collect_activations",
     "gelu_zero_range",
+    "measure_density",
+    "measure_density_by_position",
     "relative_reduction",
 ]
 
@@ -171,7 +171,7 @@ def measure_density_by_position(
         for batch in batches:
             inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
             current_mask[0] = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
-            _forward(model, _to_device(batch, device))
+            _forward(model, move_to_device(batch, device))
             seen += 1
     finally:
         for handle in handles:
@@ -217,20 +217,17 @@ def collect_activations(
 
     Derived in notebooks/part3_deft/20_activation_sparsity.ipynb.
     """
-    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+    inputs = model_inputs(batch)
     if isinstance(inputs, Mapping):
-        inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        inputs = model_inputs(inputs)  # a pair whose inputs are a dict with labels
+    if not isinstance(inputs, (Mapping, torch.Tensor)):
+        raise TypeError(f"batch must be a dict of tensors, a tensor or an (inputs, labels) pair, got {type(batch).__name__}")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with ActivationCollector(model, module_pattern) as collector:
-            if isinstance(inputs, Mapping):
-                model(**{key: value.to(device) for key, value in inputs.items()})
-            elif isinstance(inputs, torch.Tensor):
-                model(inputs.to(device))
-            else:
-                raise TypeError(f"batch must be a dict of tensors, a tensor or an (inputs, labels) pair, got {type(batch).__name__}")
+            call_model(model, move_to_device(inputs, device))
             activations = dict(collector.activations)
     finally:
         model.train(was_training)

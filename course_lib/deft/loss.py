@@ -22,8 +22,8 @@ Derived in notebooks/part3_deft/21_density_loss.ipynb.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn

@@ -41,22 +41,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from course_lib.peft.inject import DEFAULT_TRAINABLE_MODULES
-from course_lib.peft.matching import ModulePattern, _check_pattern, describe_pattern, name_matches
+from course_lib.peft.matching import (
+    ModulePattern,
+    _check_pattern,
+    describe_pattern,
+    name_matches,
+)
 
 __all__ = [
     "NF4_CODEBOOK",
     "SCHEMES",
-    "NF4Tensor",
     "Int8Tensor",
-    "pack_4bit",
-    "unpack_4bit",
-    "quantise_nf4",
-    "dequantise_nf4",
-    "quantise_int8",
-    "dequantise_int8",
-    "QuantisedLinear",
+    "NF4Tensor",
     "QuantisationReport",
+    "QuantisedLinear",
+    "dequantise_int8",
+    "dequantise_nf4",
+    "pack_4bit",
+    "quantise_int8",
     "quantise_linears",
+    "quantise_nf4",
+    "unpack_4bit",
 ]
 
 #: The 16 NF4 code values (bitsandbytes / QLoRA), sorted, with -1, 0 and 1 exactly.

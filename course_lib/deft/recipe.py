@@ -31,7 +31,7 @@ from typing import Any
 
 from course_lib.deft.loss import DEFAULT_EPS, DEFTLoss
 
-__all__ = ["DEFTRecipe", "PAPER_PROTOCOL", "COURSE_RECIPE", "paper_protocol", "course_recipe"]
+__all__ = ["COURSE_RECIPE", "PAPER_PROTOCOL", "DEFTRecipe", "course_recipe", "paper_protocol"]
 
 
 def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:

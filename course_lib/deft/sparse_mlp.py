@@ -38,14 +38,14 @@ from torch import nn
 from course_lib.deft.sparsify import SparseActivation, second_projection_name
 
 __all__ = [
-    "active_hidden_units",
-    "union_density",
-    "sparse_second_projection",
-    "csr_second_projection",
-    "gather_second_projection",
     "SPARSE_PROJECTION_MODES",
     "SparseSecondProjection",
+    "active_hidden_units",
+    "csr_second_projection",
+    "gather_second_projection",
     "second_projection_names",
+    "sparse_second_projection",
+    "union_density",
     "with_sparse_second_projections",
 ]
 

@@ -39,16 +39,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course_lib.meters.density import _forward, _model_device, _to_device, find_activation_modules
+from course_lib.batches import move_to_device
+from course_lib.meters.density import _forward, _model_device, find_activation_modules
 
 __all__ = [
     "SPARSITY_KINDS",
     "SparseActivation",
-    "SparsityConfig",
     "SparsificationReport",
+    "SparsityConfig",
     "calibrate_thresholds",
-    "sparsify_activations",
     "second_projection_name",
+    "sparsify_activations",
 ]
 
 SPARSITY_KINDS = ("threshold", "relu")
@@ -209,7 +210,7 @@ def _pre_activations(model: nn.Module, module: nn.Module, batches: list[Any], ma
     try:
         for batch in batches:
             current_mask[0] = _real_token_mask(batch, mask_padding)
-            _forward(model, _to_device(batch, device))
+            _forward(model, move_to_device(batch, device))
     finally:
         handle.remove()
     return torch.cat(rows)

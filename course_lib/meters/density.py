@@ -22,15 +22,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from course_lib.batches import move_to_device
+
 __all__ = [
     "DEFAULT_ACTIVATION_PATTERNS",
-    "find_activation_modules",
-    "check_mask_values",
-    "count_active",
     "ActivationCollector",
     "DensityCounter",
     "activation_density",
+    "check_mask_values",
+    "count_active",
     "density_over_batches",
+    "find_activation_modules",
 ]
 
 #: Names of MLP activation modules in common architectures, tried in order (regex, re.search).
@@ -60,7 +62,7 @@ def find_activation_modules(model: nn.Module, module_pattern: str | None = None)
         found = {name: module for name, module in named if regex.search(name)}
         if found:
             return found
-    examples = [name for name, _ in named if re.search(r"act|gelu|relu|mlp|intermediate", name, re.I)][:8]
+    examples = [name for name, _ in named if re.search(r"act|gelu|relu|mlp|intermediate", name, re.IGNORECASE)][:8]
     examples = examples or [name for name, _ in named][:8]
     tried = module_pattern if module_pattern is not None else " | ".join(DEFAULT_ACTIVATION_PATTERNS)
     raise ValueError(
@@ -140,7 +142,7 @@ class _Hooks:
         self.attach()
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.remove()
 
 
@@ -222,18 +224,6 @@ def _model_device(model: nn.Module) -> torch.device | None:
     return first.device if first is not None else None
 
 
-def _to_device(batch: Any, device: torch.device | None) -> Any:
-    if device is None:
-        return batch
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {key: _to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(value, device) for value in batch)
-    return batch
-
-
 def density_over_batches(
     model: nn.Module,
     batches: Iterable[Any],
@@ -259,7 +249,7 @@ def density_over_batches(
                     if not isinstance(inputs, Mapping) or "attention_mask" not in inputs:
                         raise ValueError("mask_padding=True needs dict batches with an 'attention_mask'")
                     counter.attention_mask = inputs["attention_mask"]
-                _forward(model, _to_device(batch, device))
+                _forward(model, move_to_device(batch, device))
             return counter.densities()
     finally:
         model.train(was_training)
@@ -290,7 +280,7 @@ def activation_density(
     try:
         with torch.no_grad(), DensityCounter(model, module_pattern, threshold=threshold) as counter:
             counter.attention_mask = attention_mask
-            _forward(model, _to_device(batch, _model_device(model)))
+            _forward(model, move_to_device(batch, _model_device(model)))
             return counter.densities()
     finally:
         model.train(was_training)
