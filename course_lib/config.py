@@ -34,8 +34,12 @@ def is_fast() -> bool:
     return os.environ.get("COURSE_FAST", "0").strip().lower() in _TRUE
 
 
-#: Value of the fast switch when course_lib was imported (notebooks read this once).
-FAST: bool = is_fast()
+def __getattr__(name: str):
+    # `config.FAST` reads the environment when it is read, like `is_fast()`: one source of truth
+    # (it used to be frozen at import time, so setting COURSE_FAST later changed fast_or_full but not FAST)
+    if name == "FAST":
+        return is_fast()
+    raise AttributeError(f"module 'course_lib.config' has no attribute {name!r}")
 
 
 def fast_or_full(fast_value, full_value):

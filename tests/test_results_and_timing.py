@@ -58,3 +58,13 @@ def test_timing_helpers_call_each_function_and_check_their_arguments():
         interleaved_median_seconds({})
     with pytest.raises(ValueError, match="repeats"):
         median_seconds(lambda: None, repeats=0)
+
+
+def test_the_fast_switch_has_one_source_of_truth(monkeypatch):
+    """config.FAST, is_fast() and fast_or_full read COURSE_FAST when they are read (issue 14)."""
+    from course_lib import config
+
+    monkeypatch.setenv("COURSE_FAST", "1")
+    assert config.FAST is True and config.is_fast() and config.fast_or_full("fast", "full") == "fast"
+    monkeypatch.setenv("COURSE_FAST", "0")
+    assert config.FAST is False and not config.is_fast() and config.fast_or_full("fast", "full") == "full"
