@@ -21,6 +21,7 @@ from course_lib.point_peft.adapter import (
     group_tokens,
     inverse_distance_weights,
 )
+from course_lib.point_peft.backbone import PointBackbone, check_point_backbone
 from course_lib.point_peft.memory_bank import (
     IndexedDataset,
     MemoryBank,
@@ -53,6 +54,7 @@ __all__ = [
     "IndexedDataset",
     "LocalGroupAttention",
     "MemoryBank",
+    "PointBackbone",
     "PointBottleneckAdapter",
     "PointPEFTConfig",
     "PointPEFTModel",
@@ -63,6 +65,7 @@ __all__ = [
     "StaleMemoryBankError",
     "TokenGrouping",
     "build_memory_bank",
+    "check_point_backbone",
     "default_memory_bank_path",
     "encoder_sha256",
     "group_tokens",

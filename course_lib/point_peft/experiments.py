@@ -36,9 +36,10 @@ import functools
 import multiprocessing
 import statistics
 import time
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +52,17 @@ from course_lib.meters import count_parameters, measure_activation_memory
 from course_lib.peft import inject_peft
 from course_lib.point_peft.memory_bank import build_memory_bank
 from course_lib.point_peft.model import PointPEFTConfig, PointPEFTModel
-from course_lib.points.checkpoint import default_checkpoint_path, load_pretrained_point_mae
+from course_lib.points.checkpoint import (
+    default_checkpoint_path,
+    load_pretrained_point_mae,
+)
 from course_lib.points.datasets import SHAPE_VARIANTS, load_shapes, shapes_path
-from course_lib.points.point_mae import ClassificationHead, PointMAEConfig, PointMAEEncoder, extract_features
+from course_lib.points.point_mae import (
+    ClassificationHead,
+    PointMAEConfig,
+    PointMAEEncoder,
+    extract_features,
+)
 from course_lib.points.pretrain import linear_probe_accuracy
 from course_lib.points.transforms import random_scale_translate, rotate_about_up_axis
 from course_lib.run_cache import RunCache, code_version, file_version
@@ -63,17 +72,17 @@ __all__ = [
     "SETTINGS",
     "TINY_HEAD_HIDDEN_DIM",
     "TINY_POINT_PEFT_OVERRIDES",
-    "tiny_point_peft_config",
     "PointRecipe",
     "SettingRun",
-    "scan_augmentation",
-    "clean_augmentation",
     "build_setting",
+    "clean_augmentation",
     "fit_head_on_features",
     "run_setting",
-    "setting_run_key",
     "run_settings",
+    "scan_augmentation",
+    "setting_run_key",
     "summarize",
+    "tiny_point_peft_config",
 ]
 
 #: The settings of notebook 16, from no pretraining to Point-PEFT.

@@ -17,6 +17,7 @@ made by another encoder (a stale bank) with a message saying how to rebuild it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import tempfile
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from course_lib import config as course_config
@@ -33,14 +34,14 @@ from course_lib.points.point_mae import PointMAEEncoder, extract_features
 from course_lib.points.sampling import check_finite
 
 __all__ = [
+    "IndexedDataset",
     "MemoryBank",
     "StaleMemoryBankError",
-    "encoder_sha256",
     "build_memory_bank",
-    "save_memory_bank",
-    "load_memory_bank",
     "default_memory_bank_path",
-    "IndexedDataset",
+    "encoder_sha256",
+    "load_memory_bank",
+    "save_memory_bank",
 ]
 
 FORMAT_VERSION = 1
@@ -94,15 +95,15 @@ class MemoryBank:
             )
 
 
-def encoder_sha256(encoder: PointMAEEncoder) -> str:
+def encoder_sha256(encoder: nn.Module) -> str:
     """SHA-256 over the names, shapes, dtypes and values of the encoder's state, head excluded.
 
     Covers all that `pooled_features` depends on (patch and centre embeddings, CLS token and
     position, blocks, final norm, BatchNorm statistics). Values are hashed as float32, so a
     copy moved to another device or dtype and back hashes the same.
     """
-    if not isinstance(encoder, PointMAEEncoder):
-        raise TypeError(f"encoder_sha256 expects a PointMAEEncoder, got {type(encoder).__name__}")
+    if not isinstance(encoder, nn.Module):
+        raise TypeError(f"encoder_sha256 expects a point encoder (nn.Module), got {type(encoder).__name__}")
     digest = hashlib.sha256()
     for name, value in sorted(encoder.state_dict().items()):
         if name.startswith("head."):
@@ -118,7 +119,7 @@ _hash_encoder = encoder_sha256  # `load_memory_bank` has a parameter of the same
 
 
 def build_memory_bank(
-    encoder: PointMAEEncoder,
+    encoder: nn.Module,
     train_set: Dataset,
     *,
     batch_size: int = 64,
@@ -133,7 +134,14 @@ def build_memory_bank(
     Derived in notebooks/part2_point_peft/14_point_prior_prompt.ipynb.
     """
     features, labels = extract_features(encoder, train_set, batch_size=batch_size, progress=progress)
-    record = {"dim": int(features.shape[1]), "num_shapes": int(features.shape[0]), "config": encoder.config.to_dict()}
+    config = getattr(encoder, "config", None)
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    elif dataclasses.is_dataclass(config):
+        config = dataclasses.asdict(config)
+    else:
+        config = repr(config)  # a backbone of the user's own: its config as text
+    record = {"dim": int(features.shape[1]), "num_shapes": int(features.shape[0]), "config": config}
     return MemoryBank(features.float(), labels, encoder_sha256(encoder), record | dict(info or {}))
 
 

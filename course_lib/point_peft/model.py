@@ -51,6 +51,7 @@ from course_lib.point_peft.adapter import (
     TokenGrouping,
     group_tokens,
 )
+from course_lib.point_peft.backbone import PointBackbone, check_point_backbone
 from course_lib.point_peft.memory_bank import MemoryBank, encoder_sha256
 from course_lib.point_peft.prompt import (
     PointPriorPrompt,
@@ -58,7 +59,6 @@ from course_lib.point_peft.prompt import (
     parameter_free_attention,
     remove_prompts,
 )
-from course_lib.points.point_mae import PointMAEEncoder
 from course_lib.report import PEFTReport
 
 __all__ = ["ABLATIONS", "PointPEFTConfig", "PointPEFTModel", "PointPEFTReport", "point_peft"]
@@ -222,11 +222,10 @@ class PointPEFTModel(nn.Module):
     """
 
     def __init__(
-        self, encoder: PointMAEEncoder, config: PointPEFTConfig = PointPEFTConfig(), memory_bank: MemoryBank | None = None
+        self, encoder: PointBackbone, config: PointPEFTConfig = PointPEFTConfig(), memory_bank: MemoryBank | None = None
     ) -> None:
         super().__init__()
-        if not isinstance(encoder, PointMAEEncoder):
-            raise TypeError(f"point_peft wraps a PointMAEEncoder, got {type(encoder).__name__}")
+        check_point_backbone(encoder)  # PointMAEEncoder, or any point transformer with the same pieces
         if not isinstance(config, PointPEFTConfig):
             raise TypeError(f"config must be a PointPEFTConfig, got {type(config).__name__}")
         mc, C = encoder.config, encoder.config.dim
@@ -247,7 +246,7 @@ class PointPEFTModel(nn.Module):
             )
 
         self.encoder = encoder
-        self.query_encoder: PointMAEEncoder | None = None
+        self.query_encoder: PointBackbone | None = None
         if config.uses_bank:
             self.query_encoder = copy.deepcopy(encoder).eval()
             self.query_encoder.head = nn.Identity()  # only pooled features are needed
@@ -299,7 +298,8 @@ class PointPEFTModel(nn.Module):
         inner = name.removeprefix("encoder.")
         if inner in ("cls_token", "cls_position") or inner.startswith(("norm.", "head.")):
             return True
-        return self.config.train_biases and inner.startswith("blocks.") and inner.endswith(TRAINED_BLOCK_BIASES)
+        biases = tuple(getattr(self.encoder, "trained_block_biases", TRAINED_BLOCK_BIASES))
+        return self.config.train_biases and inner.startswith("blocks.") and inner.endswith(biases)
 
     def mark_trainable(self) -> None:
         """Freeze everything, then unfreeze exactly the official trained set."""
@@ -392,9 +392,10 @@ class PointPEFTModel(nn.Module):
 
 
 def point_peft(
-    model: PointMAEEncoder, config: PointPEFTConfig = PointPEFTConfig(), memory_bank: MemoryBank | None = None
+    model: PointBackbone, config: PointPEFTConfig = PointPEFTConfig(), memory_bank: MemoryBank | None = None
 ) -> tuple[PointPEFTModel, PointPEFTReport]:
-    """Wrap a pretrained Point-MAE with Point-PEFT: freeze it, add the modules, report the counts.
+    """Wrap a pretrained Point-MAE (or any `PointBackbone`) with Point-PEFT: freeze it, add the
+    modules, report the counts.
 
     `model` is frozen in place (except the official trained set) and held by the wrapper;
     `memory_bank` must come from the same encoder (`build_memory_bank` / `load_memory_bank`),

@@ -350,7 +350,7 @@ class PointMAEEncoder(nn.Module):
 
 @torch.no_grad()
 def extract_features(
-    encoder: PointMAEEncoder,
+    encoder: nn.Module,
     data: Dataset | Iterable[Any],
     *,
     batch_size: int = 64,
@@ -365,8 +365,8 @@ def extract_features(
 
     Derived in notebooks/part2_point_peft/12_point_mae.ipynb.
     """
-    if not isinstance(encoder, PointMAEEncoder):
-        raise TypeError(f"encoder must be a PointMAEEncoder, got {type(encoder).__name__}")
+    if not isinstance(encoder, nn.Module) or not callable(getattr(encoder, "pooled_features", None)):
+        raise TypeError(f"encoder must be a PointMAEEncoder (or a module with pooled_features()), got {type(encoder).__name__}")
     loader = DataLoader(data, batch_size=batch_size, shuffle=False) if isinstance(data, Dataset) else data
     device = next(encoder.parameters()).device
     was_training = encoder.training
