@@ -258,7 +258,7 @@ def test_meft_trainable_parameters_hybrid_and_memory(minilm_classifier, small_ba
     assert all(".adapter." in n or n.startswith("classifier.") for n in trainable)
     assert sum(p.numel() for n, p in model.named_parameters() if n in trainable) == 12 * (384 * 8 + 8 + 8 * 384 + 384) + 384 * 4 + 4
     model.train()
-    step = lambda: model(**small_batch).loss  # noqa: E731
+    step = lambda: model(**small_batch).loss
     B, T, C = 2, 9, 384
     reversible = measure_activation_memory(step, model, backward=False).activation_bytes
     model.encoder.num_reversible_layers = 3  # hybrid: the upper 3 layers keep their activations
@@ -448,3 +448,23 @@ def test_meft_on_roberta_memory_is_flat_in_depth(roberta_batch):
     B, T = roberta_batch["input_ids"].shape
     per_layer = 2 * (torch.get_rng_state().numel() + math.ceil(B * T * 32 / 8))  # RNG states and parity bits of F, G
     assert sizes[4] - sizes[2] == 2 * per_layer
+
+
+def test_meft_saves_and_loads_its_trained_state(tiny_roberta, roberta_batch, tmp_path):
+    from course_lib.meft import MEFTConfig, load_meft, meft, save_meft
+
+    torch.manual_seed(0)
+    model, _ = meft(tiny_roberta, MEFTConfig("meft3", train_layer_norms=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    save_meft(model.eval(), tmp_path / "meft")
+    again, report = load_meft(tiny_roberta, tmp_path / "meft")
+    assert again.meft_config == model.meft_config and not report.in_place
+    with torch.no_grad():
+        assert torch.equal(again.eval()(**roberta_batch).logits, model(**roberta_batch).logits)
+    with pytest.raises(ValueError, match="no .meft_config"):
+        save_meft(nn.Linear(2, 2), tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="lacks"):
+        load_meft(tiny_roberta, tmp_path)

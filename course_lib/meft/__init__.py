@@ -15,9 +15,23 @@ Derived in notebooks/part4_meft/{30_where_memory_goes,31_reversible_layers,32_me
 """
 
 from course_lib.meft.coupling import ReversibleCoupling
-from course_lib.meft.gradient_check import gradient_errors, reversible_and_plain_gradients
-from course_lib.meft.memory_costs import COST_TERMS, ActivationCostModel, fit_activation_costs, measure_saved_bytes
-from course_lib.meft.methods import METHOD_LABELS, METHOD_NAMES, build_method, enable_checkpointing, with_num_layers
+from course_lib.meft.gradient_check import (
+    gradient_errors,
+    reversible_and_plain_gradients,
+)
+from course_lib.meft.memory_costs import (
+    COST_TERMS,
+    ActivationCostModel,
+    fit_activation_costs,
+    measure_saved_bytes,
+)
+from course_lib.meft.methods import (
+    METHOD_LABELS,
+    METHOD_NAMES,
+    build_method,
+    enable_checkpointing,
+    with_num_layers,
+)
 from course_lib.meft.model import (
     MEFT_VARIANTS,
     AdapterOnly,
@@ -30,35 +44,42 @@ from course_lib.meft.model import (
     meft,
     meft_from_hf,
 )
-from course_lib.meft.reversible import ReversibleStackFunction, reversible_stack, run_couplings
+from course_lib.meft.reversible import (
+    ReversibleStackFunction,
+    reversible_stack,
+    run_couplings,
+)
 from course_lib.meft.rounding import pack_parity, round_with_parity
+from course_lib.meft.saving import load_meft, save_meft
 
 __all__ = [
-    "MEFTConfig",
-    "meft",
-    "ReversibleCoupling",
-    "reversible_and_plain_gradients",
-    "gradient_errors",
-    "ReversibleStackFunction",
-    "reversible_stack",
-    "run_couplings",
-    "pack_parity",
-    "round_with_parity",
-    "MEFTVariant",
+    "COST_TERMS",
     "MEFT_VARIANTS",
-    "BlockWithAdapter",
+    "METHOD_LABELS",
+    "METHOD_NAMES",
+    "ActivationCostModel",
     "AdapterOnly",
-    "make_meft_adapter",
+    "BlockWithAdapter",
+    "MEFTConfig",
     "MEFTEncoder",
     "MEFTForSequenceClassification",
-    "meft_from_hf",
-    "METHOD_NAMES",
-    "METHOD_LABELS",
+    "MEFTVariant",
+    "ReversibleCoupling",
+    "ReversibleStackFunction",
     "build_method",
-    "with_num_layers",
     "enable_checkpointing",
-    "COST_TERMS",
-    "ActivationCostModel",
-    "measure_saved_bytes",
     "fit_activation_costs",
+    "gradient_errors",
+    "load_meft",
+    "make_meft_adapter",
+    "measure_saved_bytes",
+    "meft",
+    "meft_from_hf",
+    "pack_parity",
+    "reversible_and_plain_gradients",
+    "reversible_stack",
+    "round_with_parity",
+    "run_couplings",
+    "save_meft",
+    "with_num_layers",
 ]

@@ -9,12 +9,13 @@ backward alone (reconstruction by the inverse, recomputation, dropout replay).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["reversible_and_plain_gradients", "gradient_errors"]
+__all__ = ["gradient_errors", "reversible_and_plain_gradients"]
 
 
 def reversible_and_plain_gradients(

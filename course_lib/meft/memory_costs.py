@@ -19,8 +19,8 @@ Derived in notebooks/part4_meft/30_where_memory_goes.ipynb.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from course_lib.meft.methods import METHOD_NAMES, build_method
 from course_lib.meters.memory import MIB, measure_activation_memory
 
-__all__ = ["ActivationCostModel", "COST_TERMS", "measure_saved_bytes", "fit_activation_costs"]
+__all__ = ["COST_TERMS", "ActivationCostModel", "fit_activation_costs", "measure_saved_bytes"]
 
 #: The terms of the formula, in the order of `ActivationCostModel.coefficients`.
 COST_TERMS: tuple[str, ...] = ("B", "B*T", "B*T*L", "B*T^2", "B*T^2*L", "1", "L", "T")

@@ -26,7 +26,7 @@ from torch import nn
 from course_lib.meft.model import MEFT_VARIANTS, meft_from_hf
 from course_lib.peft import inject_peft
 
-__all__ = ["METHOD_NAMES", "METHOD_LABELS", "with_num_layers", "enable_checkpointing", "build_method"]
+__all__ = ["METHOD_LABELS", "METHOD_NAMES", "build_method", "enable_checkpointing", "with_num_layers"]
 
 #: Method names `build_method` accepts, in the order the course shows them.
 METHOD_NAMES: tuple[str, ...] = ("full_finetune", "lora", "adapter", "lora_checkpointing", "meft1", "meft2", "meft3")

@@ -35,7 +35,7 @@ Derived in notebooks/part4_meft/31_reversible_layers.ipynb.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
