@@ -93,11 +93,13 @@ with torch.no_grad():
     assert torch.allclose(fast(**one).logits, model(**one).logits, atol=1e-4)
 
 # --- README: meft
-from course_lib.meft import meft_from_hf
+from course_lib.meft import MEFTConfig, meft, meft_from_hf
 
-meft = meft_from_hf(your_bert(), "meft1")  # a reversible copy: the backward recomputes activations
-loss = meft(**batch).loss
+model = meft_from_hf(your_bert(), "meft1")  # a reversible copy: the backward pass recomputes activations
+loss = model(**batch).loss
 loss.backward()
+decoder, report = meft(your_gpt2(), MEFTConfig("meft3"))  # GPT-2: causal LM loss, as the paper's OPT runs
+decoder(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss.backward()
 # --- README: end
 
 # --- README: point_peft

@@ -468,3 +468,66 @@ def test_meft_saves_and_loads_its_trained_state(tiny_roberta, roberta_batch, tmp
         save_meft(nn.Linear(2, 2), tmp_path / "x")
     with pytest.raises(FileNotFoundError, match="lacks"):
         load_meft(tiny_roberta, tmp_path)
+
+
+# ------------------------------------------------------------------------------- GPT-2, a decoder (issue 14)
+
+
+def _tiny_gpt2(depth: int = 2):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=100, n_positions=32, n_embd=32,
+                                                                n_layer=depth, n_head=4)).eval()  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def gpt2_batch():
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_meft_on_gpt2_keeps_the_starting_point_and_trains_adapters_only(gpt2_batch):
+    gpt2 = _tiny_gpt2()
+    ids = gpt2_batch["input_ids"]
+    with torch.no_grad():
+        reference = gpt2.transformer(input_ids=ids).last_hidden_state  # after GPT-2's final LayerNorm
+    torch.manual_seed(0)
+    for name in MEFT_VARIANTS:
+        model = meft_from_hf(gpt2, name).eval()
+        with torch.no_grad():
+            streams = model.encoder.streams(ids)
+            best = max(nn.functional.cosine_similarity(model.final_norm(s.float()), reference, dim=-1).mean().item()
+                       for s in streams)  # fmt: skip
+        assert best > 0.95, name
+    out = model(**gpt2_batch)
+    assert out.logits.shape == (2, 9, 100) and out.loss.isfinite()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapter." in n for n in trainable)
+    assert model.lm_head.weight is model.encoder.embeddings.word_embeddings.weight  # tied, as in GPT-2
+    with pytest.raises(TypeError, match="GPT2LMHeadModel"):
+        meft_from_hf(gpt2.transformer, "meft1")
+
+
+@pytest.mark.parametrize("variant", ["meft1", "meft3"])
+def test_meft_on_gpt2_custom_backward_matches_autograd_float64(gpt2_batch, variant):
+    torch.manual_seed(0)
+    model = meft_from_hf(_tiny_gpt2().double(), variant).train()
+    reversible_grads, plain_grads = reversible_and_plain_gradients(model, gpt2_batch, seed=5)
+    assert reversible_grads.keys() == plain_grads.keys() and len(reversible_grads) == 2 * 2 * 4
+    for name in reversible_grads:
+        assert torch.allclose(reversible_grads[name], plain_grads[name], rtol=1e-7, atol=1e-10), name
+
+
+def test_meft_on_gpt2_memory_is_flat_in_depth(gpt2_batch):
+    sizes = {}
+    for depth in (2, 4):
+        torch.manual_seed(0)
+        model = meft_from_hf(_tiny_gpt2(depth), "meft2").train()
+        sizes[depth] = measure_activation_memory(lambda: model(**gpt2_batch).loss, model, backward=False).activation_bytes
+    B, T = gpt2_batch["input_ids"].shape
+    per_layer = 2 * (torch.get_rng_state().numel() + math.ceil(B * T * 32 / 8))
+    assert sizes[4] - sizes[2] == 2 * per_layer

@@ -284,7 +284,98 @@ class MEFTForSequenceClassification(nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-def _make_part(kind: str, block: BertBlock, dim: int, bottleneck: int, std: float) -> nn.Module:
+class PreNormDecoderBlock(nn.Module):
+    """A Hugging Face GPT-2 block (a copy) seen as MEFT's parts, as `BertBlock` is for BERT.
+
+    GPT-2 is pre-norm and causal: attention half x + Attn(LN1(x)) with a causal mask (and the
+    padding mask, when there is one), MLP half h + MLP(LN2(h)), the layer the second after the
+    first (what `GPT2Block` computes). Derived in notebooks/part4_meft/32_meft.ipynb.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = copy.deepcopy(block)
+
+    @staticmethod
+    def _additive_mask(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        # causal: token t attends to tokens <= t; keep (B, 1, 1, T): False for padding keys
+        T = x.shape[1]
+        allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None, None]  # (1, 1, T, T)
+        if keep is not None:
+            allowed = allowed & keep
+        return torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, torch.finfo(x.dtype).min)
+
+    def attention_block(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.block.attn(self.block.ln_1(x), attention_mask=self._additive_mask(x, attention_mask))
+        return x + (out[0] if isinstance(out, tuple) else out)  # (B, T, C)
+
+    def mlp_block(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block.mlp(self.block.ln_2(x))
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.mlp_block(self.attention_block(x, attention_mask))
+
+
+class DecoderEmbeddings(nn.Module):
+    """GPT-2's input: token embedding + learned position embedding, then dropout (copies)."""
+
+    def __init__(self, word_embeddings: nn.Embedding, position_embeddings: nn.Embedding, dropout: float) -> None:
+        super().__init__()
+        self.word_embeddings = copy.deepcopy(word_embeddings)
+        self.position_embeddings = copy.deepcopy(position_embeddings)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, input_ids=None, token_type_ids=None, inputs_embeds=None) -> torch.Tensor:
+        x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        positions = torch.arange(x.shape[1], device=x.device)
+        return self.dropout(x + self.position_embeddings(positions)[None])
+
+
+class MEFTForCausalLM(nn.Module):
+    """MEFTEncoder over a decoder's blocks + its final LayerNorm and LM head (frozen, tied to the
+    token embedding as in GPT-2). Called like `GPT2LMHeadModel`: `.logits` (B, T, V) and, with
+    `labels`, the next-token cross-entropy `.loss` (labels -100 ignored), as the paper's OPT runs.
+
+    Derived in notebooks/part4_meft/32_meft.ipynb.
+    """
+
+    def __init__(self, encoder: MEFTEncoder, final_norm: nn.Module, lm_head: nn.Linear) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.final_norm = final_norm
+        self.lm_head = lm_head
+
+    @property
+    def reversible(self) -> bool:
+        return self.encoder.reversible
+
+    @reversible.setter
+    def reversible(self, value: bool) -> None:
+        self.encoder.reversible = bool(value)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, token_type_ids=None):
+        from transformers.modeling_outputs import CausalLMOutput
+
+        hidden = self.encoder(input_ids, attention_mask, None, inputs_embeds)  # (B, T, C)
+        logits = self.lm_head(self.final_norm(hidden))  # (B, T, V)
+        loss = None
+        if labels is not None:  # token t predicts token t + 1
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+
+def _decoder_parts(model: nn.Module) -> tuple[nn.Module, list[nn.Module]] | None:
+    """(transformer, blocks) of a GPT-2-style causal LM (`.transformer.h[i]` with ln_1, attn, ln_2, mlp), else None."""
+    transformer = getattr(model, "transformer", None)
+    blocks = getattr(transformer, "h", None)
+    if blocks is None or len(blocks) == 0:
+        return None
+    if not all(hasattr(blocks[0], name) for name in ("ln_1", "attn", "ln_2", "mlp")):
+        return None
+    return transformer, list(blocks)
+
+
+def _make_part(kind: str, block: nn.Module, dim: int, bottleneck: int, std: float) -> nn.Module:
     adapter = make_meft_adapter(dim, bottleneck, std)
     return AdapterOnly(adapter) if kind == "adapter" else BlockWithAdapter(block, kind, adapter)
 
@@ -369,8 +460,8 @@ def meft_from_hf(
 
     `model`: a `BertModel` or `RobertaModel` (-> `MEFTEncoder`, returns hidden states) or a task
     model around one, `BertForSequenceClassification` or `RobertaForSequenceClassification`
-    (-> `MEFTForSequenceClassification` with that model's head). Decoders (GPT-2, OPT) are not
-    supported yet: TypeError.
+    (-> `MEFTForSequenceClassification` with that model's head), or a GPT-2-style causal LM,
+    `GPT2LMHeadModel` (-> `MEFTForCausalLM`: pre-norm causal blocks, the same couplings).
     `variant`: "meft1", "meft2", "meft3" or a `MEFTVariant`; `lambda_` / `beta` override its
     scales (e.g. 1 and 1 for a RevNet-style coupling that breaks the starting point).
     `stream_dtype`: dtype of the two streams (default float64, the layers stay in the model's
@@ -391,6 +482,10 @@ def meft_from_hf(
         raise TypeError(f"variant must be a name or a MEFTVariant, got {type(variant).__name__}")
     if adapter_bottleneck < 1:
         raise ValueError(f"adapter_bottleneck must be a positive int, got {adapter_bottleneck}")
+    decoder = _decoder_parts(model)
+    if decoder is not None:
+        return _meft_decoder(model, decoder, variant, adapter_bottleneck, adapter_std, lambda_, beta,
+                             num_reversible_layers, reversible, train_layer_norms, stream_dtype, exact_inputs)  # fmt: skip
     # the encoder inside a task model: .bert, .roberta, ... (Hugging Face's base_model_prefix)
     prefix = getattr(model, "base_model_prefix", "bert")
     base = getattr(model, prefix, None) or getattr(model, "bert", model)
@@ -399,8 +494,8 @@ def meft_from_hf(
     if layers is None or embeddings is None:
         raise TypeError(
             f"meft_from_hf expects a Hugging Face BERT-family encoder (BertModel, RobertaModel, or a "
-            f"*ForSequenceClassification around one: .embeddings and .encoder.layer), got {type(model).__name__}. "
-            "Decoders (GPT-2, OPT) are not supported yet"
+            f"*ForSequenceClassification around one: .embeddings and .encoder.layer) or a GPT-2-style causal LM "
+            f"(GPT2LMHeadModel: .transformer.h and .lm_head), got {type(model).__name__}"
         )
     reference = next(model.parameters())
     if stream_dtype == reference.dtype:
@@ -450,5 +545,57 @@ def meft_from_hf(
             module.mlp_norm.requires_grad_(True)
     if isinstance(result, MEFTForSequenceClassification):
         result.classifier.requires_grad_(True)  # the task head (BERT's classifier, RoBERTa's whole head)
+    result.train(model.training)
+    return result
+
+
+def _coupling(variant: MEFTVariant, block: nn.Module, dim: int, bottleneck: int, std: float, lambda_, beta,
+              compute_dtype) -> ReversibleCoupling:  # fmt: skip
+    return ReversibleCoupling(
+        _make_part(variant.F, block, dim, bottleneck, std),
+        _make_part(variant.G, block, dim, bottleneck, std),
+        lambda_=variant.lambda_ if lambda_ is None else lambda_,
+        beta=variant.beta if beta is None else beta,
+        swap_outputs=variant.swap_outputs,
+        compute_dtype=compute_dtype,
+    )
+
+
+def _meft_decoder(model, parts, variant, adapter_bottleneck, adapter_std, lambda_, beta, num_reversible_layers,
+                  reversible, train_layer_norms, stream_dtype, exact_inputs) -> MEFTForCausalLM:  # fmt: skip
+    """meft_from_hf for a GPT-2-style causal LM: the same couplings on pre-norm causal blocks."""
+    transformer, blocks = parts
+    lm_head = getattr(model, "lm_head", None)
+    if not isinstance(lm_head, nn.Linear):
+        raise TypeError(f"{type(model).__name__}: MEFT on a decoder needs the causal LM with its .lm_head "
+                        "(GPT2LMHeadModel), not the bare GPT2Model")  # fmt: skip
+    reference = next(model.parameters())
+    if stream_dtype == reference.dtype:
+        stream_dtype = None
+    config = getattr(model, "config", None)
+    dim = transformer.wte.embedding_dim
+    compute_dtype = reference.dtype if stream_dtype is not None else None
+    couplings = nn.ModuleList(
+        _coupling(variant, PreNormDecoderBlock(block), dim, adapter_bottleneck, adapter_std, lambda_, beta, compute_dtype)
+        for block in blocks
+    )  # fmt: skip
+    couplings.to(device=reference.device, dtype=reference.dtype)
+    embeddings = DecoderEmbeddings(transformer.wte, transformer.wpe, getattr(config, "embd_pdrop", 0.0))
+    encoder = MEFTEncoder(embeddings, couplings, num_reversible_layers, reversible, stream_dtype, exact_inputs)
+    head = nn.Linear(lm_head.in_features, lm_head.out_features, bias=lm_head.bias is not None)
+    head = head.to(device=reference.device, dtype=reference.dtype)
+    if getattr(config, "tie_word_embeddings", True) and lm_head.weight is transformer.wte.weight:
+        head.weight = embeddings.word_embeddings.weight  # tied, as in the model it comes from
+    else:
+        head.load_state_dict(lm_head.state_dict())
+    result = MEFTForCausalLM(encoder, copy.deepcopy(transformer.ln_f), head)
+    for parameter in result.parameters():
+        parameter.requires_grad_(False)
+    for module in result.modules():
+        if isinstance(module, BottleneckAdapter):
+            module.requires_grad_(True)
+        if train_layer_norms and isinstance(module, PreNormDecoderBlock):
+            module.block.ln_1.requires_grad_(True)
+            module.block.ln_2.requires_grad_(True)
     result.train(model.training)
     return result
