@@ -5,13 +5,15 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from course_lib import config
 
-__all__ = ["write_json", "read_json", "update_json", "results_path"]
+__all__ = ["read_json", "results_path", "update_json", "write_json"]
 
 
 def results_path(name: str, subdir: str | None = None) -> Path:
@@ -47,6 +49,32 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_folder(directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write a folder whole or not at all: `write(staging)` fills a temporary sibling folder, which
+    then replaces `directory` (an older folder there is renamed away first and removed after).
+
+    An exception in `write` removes the staging folder and leaves `directory` as it was; a crash
+    leaves at most a hidden `.<name>.*` sibling that no reader looks at. Returns `directory`.
+    Used by `course_lib.peft.save_adapter` and `course_lib.meft.save_meft`.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        write(staging)
+        if directory.exists():
+            retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            directory.rename(retired)
+            staging.rename(directory)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
 
 
 def read_json(path: str | os.PathLike) -> Any:

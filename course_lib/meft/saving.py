@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from torch import nn
 
 from course_lib.meft.model import MEFTConfig, MEFTVariant, meft
 from course_lib.report import PEFTReport
+from course_lib.results import write_folder
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_meft", "meft_config_from_dict", "save_meft"]
 
@@ -63,24 +62,13 @@ def save_meft(model: nn.Module, directory: str | os.PathLike) -> Path:
     if not isinstance(config, MEFTConfig):
         raise ValueError("save_meft: this model has no .meft_config; build it with course_lib.meft.meft(model, MEFTConfig(...))")
     tensors = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        payload = {"format": _FORMAT, "format_version": _VERSION, "config": config.to_dict()}
+    payload = {"format": _FORMAT, "format_version": _VERSION, "config": config.to_dict()}
+
+    def write(staging: Path) -> None:
         (staging / CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n")
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-        if directory.exists():
-            retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            directory.rename(retired)
-            staging.rename(directory)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
+
+    return write_folder(directory, write)  # whole or not at all
 
 
 def load_meft(base: nn.Module, directory: str | os.PathLike) -> tuple[nn.Module, PEFTReport]:

@@ -31,8 +31,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +42,7 @@ from course_lib.peft.inject import InjectionReport, inject_peft
 from course_lib.peft.lora import LoRAConfig, LoRALinear
 from course_lib.peft.matching import name_matches
 from course_lib.peft.prompt_tuning import PromptEmbedding, PromptTuningConfig
+from course_lib.results import write_folder
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_adapter", "save_adapter", "trainable_state_dict"]
 
@@ -195,24 +194,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         inference_mode=True, revision=None,
     )  # fmt: skip
 
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    def write(staging: Path) -> None:
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(staging / WEIGHTS_NAME),
                   metadata={"format": "pt"})  # fmt: skip
-        if directory.exists():
-            retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            directory.rename(retired)
-            staging.rename(directory)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
+
+    return write_folder(directory, write)  # whole or not at all
 
 
 def _read(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
