@@ -23,8 +23,8 @@ One shape for every method (the conventions, as Hugging Face peft's `PeftConfig`
 
 - **A config dataclass per method**: `LoRAConfig`, `AdapterConfig`, `PrefixTuningConfig`,
   `PromptTuningConfig`, `BitFitConfig`, `IA3Config` (`course_lib.peft`), `PointPEFTConfig`
-  (`course_lib.point_peft`), `MEFTConfig` (`course_lib.meft`); `DEFTLoss` holds DEFT's settings,
-  a training loss rather than a change of the model.
+  (`course_lib.point_peft`), `MEFTConfig` (`course_lib.meft`), `DEFTConfig` (`course_lib.deft`:
+  a training loss rather than a change of the model, `DEFTLoss.from_config(config)`).
 - **One entry point**: `course_lib.get_peft_model(model, config) -> (model, report)` (module
   `course_lib.methods`); each method's own function (`inject_peft`, `point_peft`, `meft`) is the
   same thing for one method.

@@ -10,8 +10,8 @@ config's type, as Hugging Face peft's `get_peft_model` does:
 | `course_lib.meft.MEFTConfig`             | `meft`                          | no: a new reversible model; the one passed in is unchanged |
 
 The report is a `course_lib.report.PEFTReport` in every case (`report.in_place` says which row
-applied). DEFT is not a change of the model but a training loss: `course_lib.deft.DEFTLoss`
-(with any of the above).
+applied). DEFT is not a change of the model but a training loss: `course_lib.deft.DEFTConfig`
+and `DEFTLoss.from_config` (with any of the above).
 
 Derived across the notebooks of parts 1, 2 and 4 (each method's own notebook derives it).
 """

@@ -43,3 +43,14 @@ def test_the_trainer_example_runs():
                             capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "trained 3 steps with Trainer" in result.stdout
+
+
+def test_deft_config_round_trips_through_the_loss():
+    from course_lib.deft import DEFTConfig
+
+    config = DEFTConfig(weight=0.5, mask_padding=False, memory_efficient=True)
+    loss = DEFTLoss.from_config(config)
+    assert loss.config == config and loss.weight == 0.5 and not loss.mask_padding
+    assert config.to_dict()["weight"] == 0.5
+    with pytest.raises(ValueError, match="weight must be >= 0"):
+        DEFTConfig(weight=-1.0)

@@ -37,6 +37,7 @@ from course_lib.deft.density import (
 )
 from course_lib.deft.loss import (
     DEFAULT_EPS,
+    DEFTConfig,
     DEFTLoss,
     DensitySurrogate,
     deft_compute_loss,
@@ -95,6 +96,7 @@ __all__ = [
     "SCHEMES",
     "SPARSE_PROJECTION_MODES",
     "SPARSITY_KINDS",
+    "DEFTConfig",
     "DEFTLoss",
     "DEFTRecipe",
     "DensityByPosition",

@@ -22,7 +22,9 @@ Derived in notebooks/part3_deft/21_density_loss.ipynb.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +33,7 @@ from torch import nn
 from course_lib.meters.density import ActivationCollector, check_mask_values
 from course_lib.train import default_loss, split_batch
 
-__all__ = ["DEFAULT_EPS", "DEFTLoss", "DensitySurrogate", "deft_compute_loss", "deft_training_step", "density_loss", "density_surrogate"]
+__all__ = ["DEFAULT_EPS", "DEFTConfig", "DEFTLoss", "DensitySurrogate", "deft_compute_loss", "deft_training_step", "density_loss", "density_surrogate"]
 
 #: eps of the official DEFT code.
 DEFAULT_EPS: float = 1e-7
@@ -130,6 +132,37 @@ def density_loss(
     return torch.stack([_layer_density(value, attention_mask, eps, memory_efficient) for value in values]).mean()
 
 
+@dataclass(frozen=True)
+class DEFTConfig:
+    """DEFT's settings, the config form of `DEFTLoss`'s keywords (`DEFTLoss.from_config`).
+
+    weight: w in L = L_task + w * L_density (1 in the official GLUE script); eps: the surrogate's
+    eps (1e-7 official); module_pattern: the activation modules (regex searched in the module
+    names; None: the known architectures); mask_padding: count real tokens only (the course's
+    recipe; False: every position, as the official code); memory_efficient: the surrogate as
+    `DensitySurrogate`, which saves only the activations.
+
+    Derived in notebooks/part3_deft/21_density_loss.ipynb.
+    """
+
+    weight: float = 1.0
+    eps: float = DEFAULT_EPS
+    module_pattern: str | None = None
+    mask_padding: bool = True
+    memory_efficient: bool = False
+
+    method = "deft"
+
+    def __post_init__(self) -> None:
+        if not self.weight >= 0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 class DEFTLoss:
     """`loss_fn(model, batch) -> (loss, logits)` for `course_lib.train.train`: task loss + w * density loss.
 
@@ -175,6 +208,17 @@ class DEFTLoss:
         self.last_task_loss = float("nan")
         self.last_density_loss = float("nan")
         self.density_losses: list[float] = []
+
+    @classmethod
+    def from_config(cls, config: DEFTConfig, *, task_loss: LossFn = default_loss) -> DEFTLoss:
+        """The loss that `config` describes."""
+        return cls(config.weight, eps=config.eps, module_pattern=config.module_pattern, mask_padding=config.mask_padding,
+                   memory_efficient=config.memory_efficient, task_loss=task_loss)  # fmt: skip
+
+    @property
+    def config(self) -> DEFTConfig:
+        """This loss's settings as a `DEFTConfig`."""
+        return DEFTConfig(self.weight, self.eps, self.module_pattern, self.mask_padding, self.memory_efficient)
 
     def _attention_mask(self, batch: Any) -> torch.Tensor | None:
         if not self.mask_padding:
