@@ -38,8 +38,9 @@ test: unit nbval
 # executed into Jupyter Book's cache, BOOK_WORKERS at a time (most use one thread), then the
 # build renders them; a notebook whose code is unchanged since the last build is not re-run.
 BOOK_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
+# TQDM_DISABLE: progress bars are for a person watching; on the static site they left blank gaps.
 book: $(STAMP) data
-	env -u COURSE_FAST $(PY) scripts/execute_book.py --workers $(BOOK_WORKERS) --timeout 1800
+	env -u COURSE_FAST TQDM_DISABLE=1 $(PY) scripts/execute_book.py --workers $(BOOK_WORKERS) --timeout 1800
 	env -u COURSE_FAST $(VENV)/bin/jupyter-book build . --config book.yml --toc toc.yml
 	@echo "site: $(CURDIR)/_build/html/index.html"
 
