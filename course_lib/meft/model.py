@@ -241,7 +241,21 @@ class MEFTEncoder(nn.Module):
         return ((x1 + x2) / 2).to(dtype)  # (B, T, C) in the model's dtype
 
 
-class MEFTForSequenceClassification(nn.Module):
+class _TaskModel(nn.Module):
+    """A MEFTEncoder under a task head: `reversible` switches the encoder's custom backward."""
+
+    encoder: MEFTEncoder
+
+    @property
+    def reversible(self) -> bool:
+        return self.encoder.reversible
+
+    @reversible.setter
+    def reversible(self, value: bool) -> None:
+        self.encoder.reversible = bool(value)
+
+
+class MEFTForSequenceClassification(_TaskModel):
     """MEFTEncoder + the Hugging Face model's head: BERT's pooler (frozen), dropout and classifier
     (trained), or RoBERTa's classification head (dense, tanh, out_proj on the first token; trained).
 
@@ -262,14 +276,6 @@ class MEFTForSequenceClassification(nn.Module):
         self.head_reads_sequence = head_reads_sequence
         last = classifier.out_proj if head_reads_sequence else classifier
         self.num_labels = last.out_features
-
-    @property
-    def reversible(self) -> bool:
-        return self.encoder.reversible
-
-    @reversible.setter
-    def reversible(self, value: bool) -> None:
-        self.encoder.reversible = bool(value)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, inputs_embeds=None):
         from transformers.modeling_outputs import SequenceClassifierOutput
@@ -331,7 +337,7 @@ class DecoderEmbeddings(nn.Module):
         return self.dropout(x + self.position_embeddings(positions)[None])
 
 
-class MEFTForCausalLM(nn.Module):
+class MEFTForCausalLM(_TaskModel):
     """MEFTEncoder over a decoder's blocks + its final LayerNorm and LM head (frozen, tied to the
     token embedding as in GPT-2). Called like `GPT2LMHeadModel`: `.logits` (B, T, V) and, with
     `labels`, the next-token cross-entropy `.loss` (labels -100 ignored), as the paper's OPT runs.
@@ -344,14 +350,6 @@ class MEFTForCausalLM(nn.Module):
         self.encoder = encoder
         self.final_norm = final_norm
         self.lm_head = lm_head
-
-    @property
-    def reversible(self) -> bool:
-        return self.encoder.reversible
-
-    @reversible.setter
-    def reversible(self, value: bool) -> None:
-        self.encoder.reversible = bool(value)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, token_type_ids=None):
         from transformers.modeling_outputs import CausalLMOutput
