@@ -316,3 +316,33 @@ def test_a_failed_save_leaves_the_old_adapter_and_no_half_written_folder(bert, t
         save_adapter(ours, tmp_path / "adapter")
     assert (tmp_path / "adapter" / WEIGHTS_NAME).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging folder left
+
+
+# --- prompt and prefix tuning across families ----------------------------------------------
+
+
+def test_prompt_tuning_on_roberta_equals_peft_and_decoders_get_a_clear_error(batch):
+    from course_lib.peft import PromptEmbedding
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.RobertaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=64, num_labels=3, max_position_embeddings=64, pad_token_id=1)  # fmt: skip
+    roberta = transformers.RobertaForSequenceClassification(config).eval()
+    inputs = {"input_ids": batch["input_ids"].clamp(min=3), "attention_mask": batch["attention_mask"]}
+    theirs = peft.get_peft_model(copy.deepcopy(roberta), peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=5))
+    theirs.eval()
+    _perturb(theirs)
+    ours = copy.deepcopy(roberta)
+    inject_peft(ours, "prompt_tuning", num_virtual_tokens=5)
+    with torch.no_grad():
+        next(m for m in ours.modules() if isinstance(m, PromptEmbedding)).weight.copy_(
+            theirs.prompt_encoder.default.embedding.weight)
+        ours.classifier.load_state_dict(theirs.base_model.classifier.modules_to_save.default.state_dict())
+    assert (_logits(ours, inputs) - _logits(theirs, inputs)).abs().max() <= TOLERANCE
+    prefixed = copy.deepcopy(roberta)
+    inject_peft(prefixed, "prefix_tuning", num_virtual_tokens=4)  # checked against attention by hand on BERT
+    assert _logits(prefixed, inputs).isfinite().all()
+    for method in ("prompt_tuning", "prefix_tuning"):
+        with pytest.raises(ValueError, match="needs a BERT-family model"):
+            inject_peft(_tiny_gpt2(), method)
