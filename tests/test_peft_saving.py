@@ -283,12 +283,9 @@ def test_bad_adapter_folders_get_clear_errors(bert, tmp_path):
     assert {n: p.requires_grad for n, p in base.named_parameters()} == flags
 
 
-def test_save_adapter_refuses_what_peft_cannot_read(bert, tmp_path):
+def test_save_adapter_refuses_a_model_without_a_method_or_with_merged_lora(bert, tmp_path):
     plain = copy.deepcopy(bert)
-    with pytest.raises(ValueError, match="no LoRA, \\(IA\\)\\^3 or prompt-tuning module.*trainable_state_dict"):
-        save_adapter(plain, tmp_path / "x")
-    inject_peft(plain, "pfeiffer")
-    with pytest.raises(ValueError, match="no LoRA"):
+    with pytest.raises(ValueError, match="no PEFT method that inject_peft put there"):
         save_adapter(plain, tmp_path / "x")
     merged = copy.deepcopy(bert)
     inject_peft(merged, "lora", r=4, target_modules=["query"])
@@ -296,6 +293,28 @@ def test_save_adapter_refuses_what_peft_cannot_read(bert, tmp_path):
     with pytest.raises(ValueError, match="merged"):
         save_adapter(merged, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("method, options", [("pfeiffer", {}), ("houlsby", {"bottleneck": 4}),
+                                             ("prefix_tuning", {"num_virtual_tokens": 3}), ("bitfit", {})])  # fmt: skip
+def test_methods_without_a_peft_format_round_trip_in_course_libs_own(bert, batch, tmp_path, method, options):
+    from course_lib.peft.saving import OWN_CONFIG_NAME, OWN_WEIGHTS_NAME
+
+    ours = copy.deepcopy(bert)
+    report = inject_peft(ours, method, **options)
+    _perturb(ours)
+    expected = _logits(ours, batch)
+    save_adapter(ours, tmp_path / method)
+    assert sorted(p.name for p in (tmp_path / method).iterdir()) == [OWN_CONFIG_NAME, OWN_WEIGHTS_NAME]
+    loaded = copy.deepcopy(bert)
+    again = load_adapter(loaded, tmp_path / method)
+    assert again.trainable == report.trainable and again.config == report.config
+    assert torch.equal(_logits(loaded, batch), expected)
+    wide = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, num_labels=3))  # fmt: skip
+    with pytest.raises(ValueError, match="does not fit"):
+        load_adapter(wide, tmp_path / method)
 
 
 def test_a_failed_save_leaves_the_old_adapter_and_no_half_written_folder(bert, tmp_path, monkeypatch):

@@ -20,8 +20,10 @@ other way round (tests/test_peft_saving.py checks both, logits equal to 1e-5).
     load_adapter(fresh, "my-adapter")              # injects LoRA and loads the tensors
 
 LoRA, (IA)^3 and prompt tuning have a peft format and use it. Adapters, prefix tuning (as written
-here, on BERT) and BitFit have none that matches: `save_adapter` refuses them and says so; save
-their trainable tensors with `trainable_state_dict` instead.
+here, on BERT) and BitFit have none that matches: `save_adapter` writes them in course_lib's own
+format instead (`course_lib_adapter.json`: the method, its `inject_peft` config and the modules
+kept trainable; `course_lib_adapter.safetensors`: every trainable tensor under its name in the
+model), and `load_adapter` reads both formats.
 
 Derived in notebooks/part1_foundations/02_peft_zoo.ipynb.
 """
@@ -44,7 +46,7 @@ from course_lib.peft.matching import name_matches
 from course_lib.peft.prompt_tuning import PromptEmbedding, PromptTuningConfig
 from course_lib.results import write_folder
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_adapter", "save_adapter", "trainable_state_dict"]
+__all__ = ["CONFIG_NAME", "OWN_CONFIG_NAME", "OWN_WEIGHTS_NAME", "WEIGHTS_NAME", "load_adapter", "save_adapter", "trainable_state_dict"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -159,7 +161,8 @@ def _prompt_files(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Ten
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the PEFT part of `model` (and its kept task head) to `directory` in peft's format.
 
-    Supported: LoRA, (IA)^3 and prompt tuning as `inject_peft` puts them (one method per model).
+    LoRA, (IA)^3 and prompt tuning as `inject_peft` puts them (one method per model) in peft's
+    format; adapters, prefix tuning and BitFit in course_lib's own (module docstring).
     The directory is written whole or not at all: the files go to a temporary sibling folder
     that then replaces `directory`. Returns the directory. Raises ValueError for a model with no
     such PEFT module, with several methods, or with merged LoRA.
@@ -174,11 +177,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     }
     found = [kind for kind, present in kinds.items() if present]
     if not found:
-        raise ValueError(
-            f"save_adapter: {type(model).__name__} has no LoRA, (IA)^3 or prompt-tuning module to save. Adapters, "
-            "prefix tuning and BitFit have no Hugging Face peft format that matches course_lib's; save "
-            "trainable_state_dict(model) with torch.save or safetensors instead"
-        )
+        return _save_own_format(model, directory)
     if len(found) > 1:
         raise ValueError(f"save_adapter: the model carries several PEFT methods ({found}); peft's format holds one")
     kind = found[0]
@@ -200,6 +199,83 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
                   metadata={"format": "pt"})  # fmt: skip
 
     return write_folder(directory, write)  # whole or not at all
+
+
+#: course_lib's own format, for the methods peft has no matching format for (adapters as placed
+#: here, prefix tuning on BERT, BitFit): the config of `inject_peft` and the trained tensors.
+OWN_CONFIG_NAME = "course_lib_adapter.json"
+OWN_WEIGHTS_NAME = "course_lib_adapter.safetensors"
+_OWN_FORMAT, _OWN_VERSION = "course_lib.peft", 1
+
+
+def _save_own_format(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Adapters, prefix tuning, BitFit: {"format", "format_version", "method", "config",
+    "trainable_modules"} in course_lib_adapter.json, every trainable tensor (by its name in the
+    model) in course_lib_adapter.safetensors. Needs the record `inject_peft` leaves on the model."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    reports: list[InjectionReport] = getattr(model, "course_lib_peft_reports", [])
+    if not reports:
+        raise ValueError(f"save_adapter: {type(model).__name__} has no PEFT method that inject_peft put there "
+                         "(nothing to save); inject one first")  # fmt: skip
+    if len(reports) > 1:
+        raise ValueError(f"save_adapter: the model carries several PEFT methods ({[r.method for r in reports]}); "
+                         "one folder holds one")  # fmt: skip
+    report = reports[0]
+    values = dataclasses.asdict(report.config)
+    payload = {"format": _OWN_FORMAT, "format_version": _OWN_VERSION, "method": report.config.method,
+               "config": values, "trainable_modules": list(report.trainable_modules)}  # fmt: skip
+    tensors = {name: t.contiguous().cpu() for name, t in trainable_state_dict(model).items()}
+
+    def write(staging: Path) -> None:
+        (staging / OWN_CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n")
+        save_file(tensors, str(staging / OWN_WEIGHTS_NAME), metadata={"format": "pt"})
+
+    return write_folder(directory, write)
+
+
+def _load_own_format(model: nn.Module, directory: Path) -> InjectionReport:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from course_lib.peft.inject import METHODS, remove_peft
+
+    try:
+        payload = json.loads((directory / OWN_CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"load_adapter: {directory / OWN_CONFIG_NAME} is not valid JSON ({error})") from None
+    if payload.get("format") != _OWN_FORMAT or payload.get("format_version") != _OWN_VERSION:
+        raise ValueError(f"load_adapter: {directory} holds format {payload.get('format')!r} version "
+                         f"{payload.get('format_version')!r}, not {_OWN_FORMAT!r} version {_OWN_VERSION}")  # fmt: skip
+    method = payload.get("method")
+    if method not in METHODS:
+        raise ValueError(f"load_adapter: unknown method {method!r} in {directory}; known: {sorted(METHODS)}")
+    try:
+        tensors = load_file(str(directory / OWN_WEIGHTS_NAME))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"load_adapter: {directory / OWN_WEIGHTS_NAME} cannot be read ({error})") from None
+    config = METHODS[method](**payload["config"])
+    flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    report = inject_peft(model, config, trainable_modules=payload.get("trainable_modules") or None)
+    parameters = dict(model.named_parameters())
+    trained = {name for name, p in parameters.items() if p.requires_grad}
+    problems = []
+    if set(tensors) != trained:
+        problems.append(f"names differ: missing {sorted(trained - set(tensors))[:3]}, unexpected {sorted(set(tensors) - trained)[:3]}")
+    problems += [f"{name}: file {tuple(t.shape)}, model {tuple(parameters[name].shape)}"
+                 for name, t in tensors.items() if name in parameters and t.shape != parameters[name].shape]  # fmt: skip
+    if problems:
+        remove_peft(model)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(flags.get(name, parameter.requires_grad))
+        raise ValueError(f"load_adapter: the adapter in {directory} does not fit {type(model).__name__}: "
+                         + "; ".join(problems) + ". Load it into the base model it was trained on")  # fmt: skip
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            parameters[name].copy_(tensor)
+    return report
 
 
 def _read(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -267,6 +343,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> InjectionRep
     Derived in notebooks/part1_foundations/02_peft_zoo.ipynb.
     """
     directory = Path(directory)
+    if (directory / OWN_CONFIG_NAME).is_file() and (directory / OWN_WEIGHTS_NAME).is_file():
+        return _load_own_format(model, directory)  # adapters, prefix tuning, BitFit
     peft_config, tensors = _read(directory)
     config = config_from_peft(peft_config)
     kind = config.method
