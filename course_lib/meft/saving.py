@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from course_lib.meft.model import MEFTConfig, MEFTVariant, meft
+from course_lib.peft.saving import copy_trained_state, trained_state_problems
 from course_lib.report import PEFTReport
 from course_lib.results import write_folder
 
@@ -94,19 +95,11 @@ def load_meft(base: nn.Module, directory: str | os.PathLike) -> tuple[nn.Module,
     except (SafetensorError, OSError) as error:
         raise ValueError(f"load_meft: {directory / WEIGHTS_NAME} cannot be read ({error})") from None
     model, report = meft(base, config)
-    parameters = dict(model.named_parameters())
-    trained = {name for name, p in parameters.items() if p.requires_grad}
-    problems = []
-    if set(tensors) != trained:
-        problems.append(f"names differ: missing {sorted(trained - set(tensors))[:3]}, unexpected {sorted(set(tensors) - trained)[:3]}")
-    problems += [f"{name}: file {tuple(t.shape)}, model {tuple(parameters[name].shape)}"
-                 for name, t in tensors.items() if name in parameters and t.shape != parameters[name].shape]  # fmt: skip
+    problems = trained_state_problems(model, tensors)
     if problems:
         raise ValueError(f"load_meft: the saved state does not fit this base model ({'; '.join(problems)}); "
                          "load it onto the base model it was trained from")  # fmt: skip
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            parameters[name].copy_(tensor)
+    copy_trained_state(model, tensors)
     return model, report
 
 

@@ -236,11 +236,42 @@ def _save_own_format(model: nn.Module, directory: str | os.PathLike) -> Path:
     return write_folder(directory, write)
 
 
+def trained_state_problems(model: nn.Module, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps `tensors` (name -> tensor) from being `model`'s trainable parameters: names
+    missing or unexpected, shapes that differ. Empty when they fit exactly."""
+    parameters = dict(model.named_parameters())
+    trained = {name for name, p in parameters.items() if p.requires_grad}
+    problems = []
+    if set(tensors) != trained:
+        problems.append(f"names differ: missing {sorted(trained - set(tensors))[:3]}, unexpected {sorted(set(tensors) - trained)[:3]}")
+    problems += [f"{name}: file {tuple(t.shape)}, model {tuple(parameters[name].shape)}"
+                 for name, t in tensors.items() if name in parameters and t.shape != parameters[name].shape]  # fmt: skip
+    return problems
+
+
+@torch.no_grad()
+def copy_trained_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy `tensors` into `model`'s parameters of the same names (checked first with
+    `trained_state_problems`)."""
+    parameters = dict(model.named_parameters())
+    for name, tensor in tensors.items():
+        parameters[name].copy_(tensor)
+
+
+def _undo_injection(model: nn.Module, flags: dict[str, bool]) -> None:
+    """Leave `model` as it came to load_adapter: wrappers removed, requires_grad flags restored."""
+    from course_lib.peft.inject import remove_peft
+
+    remove_peft(model)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(flags.get(name, parameter.requires_grad))
+
+
 def _load_own_format(model: nn.Module, directory: Path) -> InjectionReport:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from course_lib.peft.inject import METHODS, remove_peft
+    from course_lib.peft.inject import METHODS
 
     try:
         payload = json.loads((directory / OWN_CONFIG_NAME).read_text())
@@ -259,22 +290,12 @@ def _load_own_format(model: nn.Module, directory: Path) -> InjectionReport:
     config = METHODS[method](**payload["config"])
     flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
     report = inject_peft(model, config, trainable_modules=payload.get("trainable_modules") or None)
-    parameters = dict(model.named_parameters())
-    trained = {name for name, p in parameters.items() if p.requires_grad}
-    problems = []
-    if set(tensors) != trained:
-        problems.append(f"names differ: missing {sorted(trained - set(tensors))[:3]}, unexpected {sorted(set(tensors) - trained)[:3]}")
-    problems += [f"{name}: file {tuple(t.shape)}, model {tuple(parameters[name].shape)}"
-                 for name, t in tensors.items() if name in parameters and t.shape != parameters[name].shape]  # fmt: skip
+    problems = trained_state_problems(model, tensors)
     if problems:
-        remove_peft(model)
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(flags.get(name, parameter.requires_grad))
+        _undo_injection(model, flags)
         raise ValueError(f"load_adapter: the adapter in {directory} does not fit {type(model).__name__}: "
                          + "; ".join(problems) + ". Load it into the base model it was trained on")  # fmt: skip
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            parameters[name].copy_(tensor)
+    copy_trained_state(model, tensors)
     return report
 
 
@@ -393,11 +414,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> InjectionRep
         if tensor.numel() != target.numel() or (tensor.dim() == target.dim() and tensor.shape != target.shape):
             problems.append(f"{key}: file {tuple(tensor.shape)}, model {tuple(target.shape)}")
     if problems:
-        from course_lib.peft.inject import remove_peft
-
-        remove_peft(model)  # leave the model as it came, requires_grad flags included
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(flags.get(name, parameter.requires_grad))
+        _undo_injection(model, flags)
         raise ValueError(f"load_adapter: the adapter in {directory} does not fit {type(model).__name__}: "
                          + "; ".join(problems) + ". Load it into the base model it was trained on")  # fmt: skip
     with torch.no_grad():
