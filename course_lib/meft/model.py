@@ -498,22 +498,12 @@ def meft_from_hf(
     reference = next(model.parameters())
     if stream_dtype == reference.dtype:
         stream_dtype = None
+    compute_dtype = reference.dtype if stream_dtype is not None else None
     couplings = nn.ModuleList()
     for layer in layers:
-        block = BertBlock.from_hf_bert_layer(layer)
-        dim = block.config.dim
-        F_part = _make_part(variant.F, block, dim, adapter_bottleneck, adapter_std)
-        G_part = _make_part(variant.G, block, dim, adapter_bottleneck, adapter_std)
-        couplings.append(
-            ReversibleCoupling(
-                F_part,
-                G_part,
-                lambda_=variant.lambda_ if lambda_ is None else lambda_,
-                beta=variant.beta if beta is None else beta,
-                swap_outputs=variant.swap_outputs,
-                compute_dtype=reference.dtype if stream_dtype is not None else None,
-            )
-        )
+        block = BertBlock.from_hf_bert_layer(layer)  # built before its adapters: the same RNG order as before
+        couplings.append(_coupling(variant, block, block.config.dim, adapter_bottleneck, adapter_std, lambda_, beta,
+                                   compute_dtype))  # fmt: skip
     couplings.to(device=reference.device, dtype=reference.dtype)
     encoder = MEFTEncoder(
         copy.deepcopy(embeddings), couplings, num_reversible_layers, reversible, stream_dtype, exact_inputs
@@ -532,19 +522,23 @@ def meft_from_hf(
     elif model is not base:
         raise TypeError(f"{type(model).__name__} has .{prefix} but no classification head MEFT knows (an nn.Linear "
                         f".classifier, or RoBERTa's with .out_proj); pass its .{prefix} for an encoder")  # fmt: skip
-    # freeze everything pre-trained, then switch on what MEFT trains
-    for parameter in result.parameters():
-        parameter.requires_grad_(False)
-    for module in result.modules():
-        if isinstance(module, BottleneckAdapter):
-            module.requires_grad_(True)
-        if train_layer_norms and isinstance(module, BertBlock):
-            module.attention_norm.requires_grad_(True)
-            module.mlp_norm.requires_grad_(True)
+    blocks = [m for m in result.modules() if isinstance(m, BertBlock)] if train_layer_norms else []
+    _train_adapters_only(result, [norm for block in blocks for norm in (block.attention_norm, block.mlp_norm)])
     if isinstance(result, MEFTForSequenceClassification):
         result.classifier.requires_grad_(True)  # the task head (BERT's classifier, RoBERTa's whole head)
     result.train(model.training)
     return result
+
+
+def _train_adapters_only(result: nn.Module, layer_norms: list[nn.Module]) -> None:
+    """Freeze everything pre-trained, then switch on what MEFT trains: the adapters, and the given
+    LayerNorms (empty unless `train_layer_norms`)."""
+    result.requires_grad_(False)
+    for module in result.modules():
+        if isinstance(module, BottleneckAdapter):
+            module.requires_grad_(True)
+    for norm in layer_norms:
+        norm.requires_grad_(True)
 
 
 def _coupling(variant: MEFTVariant, block: nn.Module, dim: int, bottleneck: int, std: float, lambda_, beta,
@@ -587,13 +581,7 @@ def _meft_decoder(model, parts, variant, adapter_bottleneck, adapter_std, lambda
     else:
         head.load_state_dict(lm_head.state_dict())
     result = MEFTForCausalLM(encoder, copy.deepcopy(transformer.ln_f), head)
-    for parameter in result.parameters():
-        parameter.requires_grad_(False)
-    for module in result.modules():
-        if isinstance(module, BottleneckAdapter):
-            module.requires_grad_(True)
-        if train_layer_norms and isinstance(module, PreNormDecoderBlock):
-            module.block.ln_1.requires_grad_(True)
-            module.block.ln_2.requires_grad_(True)
+    blocks = [m.block for m in result.modules() if isinstance(m, PreNormDecoderBlock)] if train_layer_norms else []
+    _train_adapters_only(result, [norm for block in blocks for norm in (block.ln_1, block.ln_2)])
     result.train(model.training)
     return result
