@@ -14,6 +14,12 @@ LoRA with checkpointing; MEFT's custom backward against plain autograd; memory a
   also given without the parity bits and for float32 streams (the official code), and by depth.
 - `depth_activation_mib`: the same count with the 6 layers repeated to 12 and 24, for MEFT with
   and without the parity bits and for LoRA with checkpointing.
+- `peak_minus_weights_mib`: peak of live allocated bytes of one steady-state training step,
+  parameters left out (`course_lib.meters.measure_peak_memory`), for every method and for each
+  MEFT variant with `batch_chunks=4` ("meftN_chunks4": F and G recomputed one piece of the
+  batch at a time); `best_meft_by_peak` is the lowest, with its `peak_reduction_vs_full_pct`
+  (goal >= 84), `peak_ratio_vs_checkpointing` (goal <= 1), step time ratio (goal <= 1.05) and
+  gradient error; `depth_peak_minus_weights_mib` the same peak at 6, 12 and 24 layers.
 
     .venv/bin/python -m benchmarks.activation_memory    # writes results/bench/activation_memory.json
 """
@@ -38,6 +44,21 @@ NAME = "activation_memory"
 NO_PARITY = "meft_no_parity"
 METHODS = ("full_finetune", "lora", "adapter", "lora_checkpointing", "meft1", "meft2", "meft3")
 MEFTS = ("meft1", "meft2", "meft3")
+BATCH_CHUNKS = 4  # MEFT with its recomputation run on pieces of the batch (meft_from_hf(batch_chunks=...))
+CHUNKED = tuple(f"{m}_chunks{BATCH_CHUNKS}" for m in MEFTS)
+
+
+def build(method: str, pretrained: torch.nn.Module, **options: Any) -> torch.nn.Module:
+    """build_method, with "meftN_chunksK" for MEFT N with batch_chunks=K."""
+    name, _, chunks = method.partition("_chunks")
+    if chunks:
+        options["batch_chunks"] = int(chunks)
+    return build_method(name, pretrained, **options)
+
+
+def label(method: str) -> str:
+    name, _, chunks = method.partition("_chunks")
+    return METHOD_LABELS[name] + (f", {chunks} batch pieces" if chunks else "")
 
 
 def load_minilm(num_labels: int = 4) -> torch.nn.Module:
@@ -77,11 +98,12 @@ def training_step(model: torch.nn.Module, batch: dict):
 
 
 def gradient_errors(
-    pretrained: torch.nn.Module, variant: str, batch: dict, stream_dtype, exact_inputs: bool = True
+    pretrained: torch.nn.Module, variant: str, batch: dict, stream_dtype, exact_inputs: bool = True, batch_chunks: int = 1
 ) -> dict[str, float]:
     """Custom backward vs plain autograd on the same float32 model and dropout masks."""
     torch.manual_seed(0)
-    model = meft_from_hf(pretrained, variant, stream_dtype=stream_dtype, exact_inputs=exact_inputs).train()
+    model = meft_from_hf(pretrained, variant, stream_dtype=stream_dtype, exact_inputs=exact_inputs,
+                         batch_chunks=batch_chunks).train()  # fmt: skip
     return compare_gradients(*reversible_and_plain_gradients(model, batch, seed=1))
 
 
@@ -124,35 +146,39 @@ def main() -> None:
 
     activation, trainable_pct, peak, allocated = {}, {}, {}, {}
     models = {}
-    for method in METHODS:
+    for method in (*METHODS, *CHUNKED):
         torch.manual_seed(0)
-        model = build_method(method, pretrained)
+        model = build(method, pretrained)
         activation[method] = activation_mib(model, batch)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         trainable_pct[method] = 100 * n_train / sum(p.numel() for p in model.parameters())
         peak[method] = peak_increase_mib(model, batch)
         allocated[method] = peak_allocated(model, batch)
         models[method] = model
-        print(f"{METHOD_LABELS[method]:22s} {activation[method]:8.1f} MiB saved, peak allocated "
+        print(f"{label(method):34s} {activation[method]:8.1f} MiB saved, peak allocated "
               f"{allocated[method]['peak_allocated_mib']:.0f} MiB ({allocated[method]['peak_minus_weights_mib']:.0f} "
               f"without weights), peak RSS +{peak[method] or 0:.0f} MiB", flush=True)  # fmt: skip
     # the variant storing least; on a tie (all three store the same two streams) the first, MEFT1.
     # Its step-time ratio and gradient error are the headline; every variant's are recorded too.
     best = min(MEFTS, key=lambda m: activation[m])
-    best_peak = min(MEFTS, key=lambda m: allocated[m]["peak_minus_weights_mib"])  # the MEFT variant with the lowest peak
+    best_peak = min((*MEFTS, *CHUNKED), key=lambda m: allocated[m]["peak_minus_weights_mib"])  # lowest peak of all MEFTs
     reduction = 100 * (1 - activation[best] / activation["full_finetune"])
 
     # step time: every MEFT variant and LoRA + checkpointing, in alternation
     for method in METHODS:
         if method not in MEFTS and method != "lora_checkpointing":
             del models[method]
+    for method in CHUNKED:
+        if method != best_peak:
+            del models[method]  # of the pieces, the step time of the headline's configuration only
     gc.collect()
     torch.manual_seed(0)
     models[NO_PARITY] = build_method(best, pretrained, exact_inputs=False)  # the same MEFT without parity bits
     activation[NO_PARITY] = activation_mib(models[NO_PARITY], batch)
-    steps = {method: training_step(models[method], batch) for method in (*MEFTS, NO_PARITY, "lora_checkpointing")}
+    timed = (*MEFTS, *([best_peak] if best_peak in CHUNKED else []), NO_PARITY)
+    steps = {method: training_step(models[method], batch) for method in (*timed, "lora_checkpointing")}
     medians = interleaved_median_seconds(steps, repeats=repeats, warmup=warmup)
-    ratios = {m: medians[m] / medians["lora_checkpointing"] for m in (*MEFTS, NO_PARITY)}
+    ratios = {m: medians[m] / medians["lora_checkpointing"] for m in timed}
     print("step seconds:", {m: round(s, 3) for m, s in medians.items()}, flush=True)
     del models, steps
     gc.collect()
@@ -161,6 +187,9 @@ def main() -> None:
         "float64_streams_parity_bits": {m: gradient_errors(pretrained, m, batch, torch.float64) for m in MEFTS},
         "float64_streams": {m: gradient_errors(pretrained, m, batch, torch.float64, exact_inputs=False) for m in MEFTS},
         "float32_streams": {m: gradient_errors(pretrained, m, batch, None) for m in MEFTS},
+        f"float64_streams_parity_bits_batch_chunks{BATCH_CHUNKS}": {
+            m: gradient_errors(pretrained, m, batch, torch.float64, batch_chunks=BATCH_CHUNKS) for m in MEFTS
+        },
     }
     print("gradient errors:", errors, flush=True)
 
@@ -188,6 +217,17 @@ def main() -> None:
             del model
             gc.collect()
 
+    # the peak against depth: the lowest-peak MEFT and LoRA + checkpointing, layers repeated
+    depth_peak: dict[str, dict[str, float]] = {best_peak: {}, "lora_checkpointing": {}}
+    for depth in depths:
+        for method in depth_peak:
+            torch.manual_seed(0)
+            model = build(method, pretrained, num_layers=depth)
+            depth_peak[method][str(depth)] = peak_allocated(model, batch)["peak_minus_weights_mib"]
+            del model
+            gc.collect()
+    print("peak minus weights by depth (MiB):", depth_peak, flush=True)
+
     payload = {
         "activation_mib": activation,
         "best_meft": best,
@@ -209,10 +249,17 @@ def main() -> None:
         "depth_activation_mib": depth_mib,
         "trainable_pct": trainable_pct,
         "peak_rss_increase_mib": peak,
-        "peak_allocated_mib": {m: allocated[m]["peak_allocated_mib"] for m in METHODS},
-        "peak_minus_weights_mib": {m: allocated[m]["peak_minus_weights_mib"] for m in METHODS},
-        "peak_by_category_mib": {m: allocated[m]["by_category_mib"] for m in METHODS},
+        "peak_allocated_mib": {m: allocated[m]["peak_allocated_mib"] for m in allocated},
+        "peak_minus_weights_mib": {m: allocated[m]["peak_minus_weights_mib"] for m in allocated},
+        "peak_by_category_mib": {m: allocated[m]["by_category_mib"] for m in allocated},
         "best_meft_by_peak": best_peak,
+        "best_meft_by_peak_step_time_ratio_vs_checkpointing": ratios[best_peak],
+        "best_meft_by_peak_grad_max_rel_err": (
+            errors[f"float64_streams_parity_bits_batch_chunks{BATCH_CHUNKS}"] if best_peak in CHUNKED
+            else errors["float64_streams_parity_bits"]
+        )[best_peak.partition("_chunks")[0]]["max_rel_err"],
+        "goal_step_time_ratio_vs_checkpointing_at_peak": 1.05,
+        "depth_peak_minus_weights_mib": depth_peak,
         "peak_reduction_vs_full_pct": 100 * (1 - allocated[best_peak]["peak_minus_weights_mib"]
                                              / allocated["full_finetune"]["peak_minus_weights_mib"]),
         "peak_ratio_vs_checkpointing": allocated[best_peak]["peak_minus_weights_mib"]
@@ -231,6 +278,9 @@ def main() -> None:
             "meft": "course_lib.meft.meft_from_hf defaults: official lambda/beta, adapters C->8->C N(0, 0.02), float64 "
             "streams, 1 parity bit per element of every F and G input (exact_inputs=True)",
             "meft_no_parity": f"{best} with exact_inputs=False: float64 streams only",
+            "meft_chunks": f"meftN_chunks{BATCH_CHUNKS}: the same MEFT with batch_chunks={BATCH_CHUNKS} (F and G run on "
+            "pieces of the batch, forward and custom backward alike; the backward holds one piece's graph at a time)",
+            "depth_peak": "peak_minus_weights of the lowest-peak MEFT and LoRA + checkpointing with the 6 layers repeated",
             "grad_err_by_depth": "float64 streams + parity bits, batch of the small check, layers repeated",
             "step": "zero_grad + forward + cross-entropy + backward + AdamW step",
             "timing": f"median of {repeats} interleaved steps after {warmup} warm-up (benchmarks.common.interleaved_median_seconds)",

@@ -96,6 +96,8 @@ with torch.no_grad():
 from course_lib.meft import MEFTConfig, meft, meft_from_hf
 
 model = meft_from_hf(your_bert(), "meft1")  # a reversible copy: the backward pass recomputes activations
+low_peak = meft_from_hf(your_bert(), "meft3", batch_chunks=4)  # F and G on 4 pieces of the batch: lower peak, same gradients
+low_peak(**batch).loss.backward()
 loss = model(**batch).loss
 loss.backward()
 decoder, report = meft(your_gpt2(), MEFTConfig("meft3"))  # GPT-2: causal LM loss, as the paper's OPT runs

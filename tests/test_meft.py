@@ -143,6 +143,30 @@ def test_custom_backward_float32_within_tolerance_and_saves_only_outputs():
     assert plain_report.activation_bytes > 4 * report.activation_bytes
 
 
+def test_outputs_are_kept_unless_overwrite_outputs():
+    """By default the backward leaves the returned outputs as they are (the caller may read them);
+    with overwrite_outputs it rebuilds the stack's inputs in their buffers, gradients unchanged, and
+    a second backward through the graph is refused instead of computing garbage."""
+    couplings = tiny_stack(depth=3)
+    x1 = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(2, 3, 16, dtype=torch.float64)
+    params = list(couplings.parameters())
+    grads = {}
+    for overwrite in (False, True):
+        out1, out2 = reversible_stack(couplings, x1, x2, overwrite_outputs=overwrite)
+        kept = out1.detach().clone(), out2.detach().clone()
+        loss = out1.sum() + out2.pow(2).sum()
+        grads[overwrite] = torch.autograd.grad(loss, [x1, *params], retain_graph=True)
+        if not overwrite:
+            assert torch.equal(out1, kept[0]) and torch.equal(out2, kept[1])
+        else:  # the buffers now hold the inputs (x1, x2), up to float64 rounding of the inverse
+            assert not torch.equal(out1, kept[0])
+            assert torch.allclose(out1, x1, atol=1e-10) and torch.allclose(out2, x2, atol=1e-10)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                torch.autograd.grad(loss, [x1, *params])
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
+
+
 def test_autograd_grad_and_hybrid_use():
     couplings = tiny_stack(depth=3)
     x = torch.randn(2, 3, 16, dtype=torch.float64)
@@ -335,9 +359,48 @@ def test_meft_on_minilm_with_exact_inputs_matches_autograd_bit_for_bit(minilm_cl
     assert all(torch.equal(reversible_grads[name], plain_grads[name]) for name in plain_grads)
 
 
+@pytest.mark.parametrize("batch_chunks", [2, 3])
+def test_batch_chunks_replay_dropout_and_match_autograd_bit_for_bit(minilm_classifier, batch_chunks):
+    """F and G on pieces of the batch (forward and custom backward alike): the gradients are plain
+    autograd's of the same model, bit for bit, dropout on and padding in the batch."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 20000, (5, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[4, 3:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([1, 3, 0, 2, 1])}
+    torch.manual_seed(0)
+    model = meft_from_hf(minilm_classifier, "meft3", batch_chunks=batch_chunks).train()
+    assert all(c.batch_chunks == batch_chunks for c in model.encoder.couplings)
+    assert model.encoder.couplings[0].chunk_bounds(5) == ([(0, 2), (2, 5)] if batch_chunks == 2 else [(0, 2), (2, 3), (3, 5)])
+    reversible_grads, plain_grads = reversible_and_plain_gradients(model, batch, seed=3)
+    assert all(torch.equal(reversible_grads[name], plain_grads[name]) for name in plain_grads)
+    # and the model is the same function as without pieces (up to float rounding) in eval mode
+    torch.manual_seed(0)
+    whole = meft_from_hf(minilm_classifier, "meft3").eval()
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(**batch).logits, whole(**batch).logits, atol=1e-5)
+
+
+def test_batch_chunks_lower_the_backward_peak(minilm_classifier):
+    from course_lib.meters import measure_peak_memory
+
+    g = torch.Generator().manual_seed(2)
+    batch = {"input_ids": torch.randint(1000, 20000, (8, 64), generator=g), "labels": torch.zeros(8, dtype=torch.long)}
+    peaks = {}
+    for chunks in (1, 4):
+        torch.manual_seed(0)
+        model = meft_from_hf(minilm_classifier, "meft3", batch_chunks=chunks).train()
+        peaks[chunks] = measure_peak_memory(lambda: model(**batch).loss.backward()).peak_minus_weights_mib
+    # the (B, H, T, T) attention and (B, T, 4C) MLP tensors of the recomputed layer, a quarter as many
+    assert peaks[4] < 0.8 * peaks[1], peaks
+
+
 def test_meft_errors(minilm_classifier):
     with pytest.raises(ValueError, match="unknown MEFT variant"):
         meft_from_hf(minilm_classifier, "meft4")
+    with pytest.raises(ValueError, match="batch_chunks must be an int >= 1"):
+        meft_from_hf(minilm_classifier, "meft3", batch_chunks=0)
     with pytest.raises(TypeError, match="BertModel"):
         meft_from_hf(nn.Linear(3, 3))
     with pytest.raises(ValueError, match="unknown method"):

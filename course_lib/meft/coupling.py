@@ -52,6 +52,11 @@ class ReversibleCoupling(nn.Module):
     (B, T, C) to (B, T, C). `lambda_` and `beta` must be non-zero (the inverse divides by them).
     `compute_dtype`: if set, F and G get their input cast to it and their output cast back to
     the streams' dtype (float64 streams around float32 layers: see the module docstring).
+    `batch_chunks`: F and G run on that many pieces of the batch, one after another, here and in
+    the custom backward of `course_lib.meft.reversible`, which then holds the recomputation graph
+    of one piece at a time: its peak memory falls by about that factor, for smaller matrix
+    products (F and G must treat the examples of a batch apart, as transformer layers do; the
+    RNG draws of dropout happen piece by piece in the same order in forward and backward).
 
     Derived in notebooks/part4_meft/31_reversible_layers.ipynb.
     """
@@ -64,6 +69,7 @@ class ReversibleCoupling(nn.Module):
         beta: float = 1.0,
         swap_outputs: bool = False,
         compute_dtype: torch.dtype | None = None,
+        batch_chunks: int = 1,
     ):
         super().__init__()
         if not isinstance(F, nn.Module) or not isinstance(G, nn.Module):
@@ -79,6 +85,15 @@ class ReversibleCoupling(nn.Module):
         if compute_dtype is not None and not isinstance(compute_dtype, torch.dtype):
             raise TypeError(f"compute_dtype must be a torch.dtype or None, got {compute_dtype!r}")
         self.compute_dtype = compute_dtype
+        if not isinstance(batch_chunks, int) or isinstance(batch_chunks, bool) or batch_chunks < 1:
+            raise ValueError(f"batch_chunks must be an int >= 1, got {batch_chunks!r}")
+        self.batch_chunks = batch_chunks
+
+    def chunk_bounds(self, batch_size: int) -> list[tuple[int, int]]:
+        """The (start, stop) rows of the `batch_chunks` pieces F and G run on, in order."""
+        count = max(1, min(self.batch_chunks, batch_size))
+        edges = [round(i * batch_size / count) for i in range(count + 1)]
+        return list(zip(edges[:-1], edges[1:]))
 
     def layer_input(self, x: torch.Tensor) -> torch.Tensor | None:
         """x cast to `compute_dtype` (what F or G computes on), or None when no cast happens."""
@@ -92,7 +107,15 @@ class ReversibleCoupling(nn.Module):
         x: torch.Tensor,
         attention_mask: torch.Tensor | None,
         exact_input: torch.Tensor | None = None,
+        cast_back: bool = True,
+        in_chunks: bool = True,
     ) -> torch.Tensor:
+        bounds = self.chunk_bounds(x.shape[0]) if in_chunks else []
+        if len(bounds) > 1:  # one piece of the batch after another (F and G treat examples apart)
+            return torch.cat([
+                self._run(part, x[a:b], batch_rows(attention_mask, a, b), batch_rows(exact_input, a, b), cast_back, False)
+                for a, b in bounds
+            ])  # fmt: skip
         if self.compute_dtype is None or x.dtype == self.compute_dtype:
             return part(x, attention_mask)
         if exact_input is None:
@@ -103,19 +126,24 @@ class ReversibleCoupling(nn.Module):
             layer_input = _CastWithValue.apply(x, exact_input)
         else:
             layer_input = exact_input  # no gradient to route: the given value as it is
-        return part(layer_input, attention_mask).to(x.dtype)  # layer in compute dtype, stream kept
+        out = part(layer_input, attention_mask)  # the layer in its compute dtype
+        return out.to(x.dtype) if cast_back else out  # back to the stream's dtype
 
     def run_F(
-        self, x2: torch.Tensor, attention_mask: torch.Tensor | None = None, exact_input: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """F(x2), in `compute_dtype` if set (on `exact_input` if given), returned in x2's dtype."""
-        return self._run(self.F, x2, attention_mask, exact_input)
+        self, x2: torch.Tensor, attention_mask: torch.Tensor | None = None, exact_input: torch.Tensor | None = None,
+        cast_back: bool = True, in_chunks: bool = True,
+    ) -> torch.Tensor:  # fmt: skip
+        """F(x2), in `compute_dtype` if set (on `exact_input` if given), returned in x2's dtype
+        (in the compute dtype with `cast_back=False`); in `batch_chunks` pieces unless
+        `in_chunks=False` (the custom backward runs the pieces itself)."""
+        return self._run(self.F, x2, attention_mask, exact_input, cast_back, in_chunks)
 
     def run_G(
-        self, y1: torch.Tensor, attention_mask: torch.Tensor | None = None, exact_input: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """G(y1), in `compute_dtype` if set (on `exact_input` if given), returned in y1's dtype."""
-        return self._run(self.G, y1, attention_mask, exact_input)
+        self, y1: torch.Tensor, attention_mask: torch.Tensor | None = None, exact_input: torch.Tensor | None = None,
+        cast_back: bool = True, in_chunks: bool = True,
+    ) -> torch.Tensor:  # fmt: skip
+        """G(y1), as `run_F`."""
+        return self._run(self.G, y1, attention_mask, exact_input, cast_back, in_chunks)
 
     # the two half-steps, also used by the custom backward -------------------------------------
 
@@ -159,7 +187,15 @@ class ReversibleCoupling(nn.Module):
 
     def extra_repr(self) -> str:
         extra = f", compute_dtype={self.compute_dtype}" if self.compute_dtype is not None else ""
+        extra += f", batch_chunks={self.batch_chunks}" if self.batch_chunks > 1 else ""
         return f"lambda_={self.lambda_:g}, beta={self.beta:g}, swap_outputs={self.swap_outputs}{extra}"
+
+
+def batch_rows(x: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    """Rows start:stop of a per-example tensor (None stays None; a batch dimension of 1 broadcasts)."""
+    if x is None or x.dim() == 0 or x.shape[0] == 1:
+        return x
+    return x[start:stop]
 
 
 class _CastWithValue(torch.autograd.Function):

@@ -218,6 +218,11 @@ class MEFTEncoder(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The two output streams (x1, x2) of the last coupling, each (B, T, C)."""
+        return self._streams(input_ids, attention_mask, token_type_ids, inputs_embeds, overwrite_outputs=False)
+
+    def _streams(self, input_ids, attention_mask, token_type_ids, inputs_embeds, *, overwrite_outputs: bool):
+        # overwrite_outputs: the custom backward may rebuild the top layer's inputs in the output
+        # streams' buffers (reversible_stack); only for callers that drop the streams
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, T) and inputs_embeds (B, T, C)")
         if input_ids is not None and input_ids.dim() != 2:
@@ -229,14 +234,15 @@ class MEFTEncoder(nn.Module):
         x1, x2 = h, h  # both streams start as the embedding output
         n = self.num_reversible_layers if self.reversible else 0
         if n > 0:
-            x1, x2 = reversible_stack(self.couplings[:n], x1, x2, mask, exact_inputs=self.exact_inputs)
+            x1, x2 = reversible_stack(self.couplings[:n], x1, x2, mask, exact_inputs=self.exact_inputs,
+                                      overwrite_outputs=overwrite_outputs)  # fmt: skip
         if n < len(self.couplings):
             x1, x2 = run_couplings(self.couplings[n:], x1, x2, mask)
         return x1, x2
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None) -> torch.Tensor:
         """(B, T) token ids -> (B, T, C): the average of the two streams."""
-        x1, x2 = self.streams(input_ids, attention_mask, token_type_ids, inputs_embeds)
+        x1, x2 = self._streams(input_ids, attention_mask, token_type_ids, inputs_embeds, overwrite_outputs=True)
         dtype = self.embeddings.word_embeddings.weight.dtype if hasattr(self.embeddings, "word_embeddings") else x1.dtype
         return ((x1 + x2) / 2).to(dtype)  # (B, T, C) in the model's dtype
 
@@ -394,6 +400,7 @@ class MEFTConfig:
     train_layer_norms: bool = False
     stream_dtype: torch.dtype | None = torch.float64
     exact_inputs: bool = True
+    batch_chunks: int = 1
 
     method = "meft"
 
@@ -453,6 +460,7 @@ def meft_from_hf(
     train_layer_norms: bool = False,
     stream_dtype: torch.dtype | None = torch.float64,
     exact_inputs: bool = True,
+    batch_chunks: int = 1,
 ) -> MEFTEncoder | MEFTForSequenceClassification:
     """MEFT built from a Hugging Face BERT-family model; the model passed in is left unchanged.
 
@@ -465,7 +473,10 @@ def meft_from_hf(
     `stream_dtype`: dtype of the two streams (default float64, the layers stay in the model's
     dtype; None: the model's dtype, as the official code). `exact_inputs` (with float64
     streams): keep 1 parity bit per element of every layer input so that the backward recomputes
-    exactly the forward's layers (`course_lib.meft.rounding`). Adapters use torch's global RNG:
+    exactly the forward's layers (`course_lib.meft.rounding`). `batch_chunks`: every coupling runs
+    its F and G on that many pieces of the batch, forward and backward, so the backward holds one
+    piece's recomputation graph at a time (`ReversibleCoupling`): a lower peak for a slightly
+    slower step (measured in `benchmarks/activation_memory.py`). Adapters use torch's global RNG:
     call `course_lib.train.set_seed` first.
     Frozen: everything pre-trained (embeddings, layers, pooler); trainable: adapters, the
     classifier, and the blocks' LayerNorms if `train_layer_norms`.
@@ -480,10 +491,13 @@ def meft_from_hf(
         raise TypeError(f"variant must be a name or a MEFTVariant, got {type(variant).__name__}")
     if adapter_bottleneck < 1:
         raise ValueError(f"adapter_bottleneck must be a positive int, got {adapter_bottleneck}")
+    if not isinstance(batch_chunks, int) or isinstance(batch_chunks, bool) or batch_chunks < 1:
+        raise ValueError(f"batch_chunks must be an int >= 1, got {batch_chunks!r}")
     decoder = _decoder_parts(model)
     if decoder is not None:
-        return _meft_decoder(model, decoder, variant, adapter_bottleneck, adapter_std, lambda_, beta,
-                             num_reversible_layers, reversible, train_layer_norms, stream_dtype, exact_inputs)  # fmt: skip
+        result = _meft_decoder(model, decoder, variant, adapter_bottleneck, adapter_std, lambda_, beta,
+                               num_reversible_layers, reversible, train_layer_norms, stream_dtype, exact_inputs)  # fmt: skip
+        return _with_batch_chunks(result, batch_chunks)
     # the encoder inside a task model: .bert, .roberta, ... (Hugging Face's base_model_prefix)
     prefix = getattr(model, "base_model_prefix", "bert")
     base = getattr(model, prefix, None) or getattr(model, "bert", model)
@@ -527,6 +541,13 @@ def meft_from_hf(
     if isinstance(result, MEFTForSequenceClassification):
         result.classifier.requires_grad_(True)  # the task head (BERT's classifier, RoBERTa's whole head)
     result.train(model.training)
+    return _with_batch_chunks(result, batch_chunks)
+
+
+def _with_batch_chunks(result: nn.Module, batch_chunks: int) -> nn.Module:
+    for module in result.modules():
+        if isinstance(module, ReversibleCoupling):
+            module.batch_chunks = batch_chunks
     return result
 
 

@@ -27,6 +27,13 @@ Choices that keep it cheap and correct:
   the recomputation, so the recomputed masks are the forward's masks; the global state is put
   back afterwards (`torch.random.fork_rng`);
 - at the bottom of the stack, dL/dx2 through F is skipped when the stack's input needs none;
+- the four streams (y1, y2, dy1, dy2) are rebuilt in place as the walk goes down: the backward
+  holds four stream buffers however deep the stack (`overwrite_outputs=True` lets it reuse the
+  two outputs' buffers as well);
+- with `batch_chunks` > 1 on a coupling, F and G are recomputed and differentiated one piece of
+  the batch at a time, so only one piece's graph (attention weights, MLP activations) is alive:
+  the peak of a step falls by about that factor, the gradients stay bit for bit plain autograd's
+  on the same (pieced) forward;
 - with float64 streams around float32 layers, one parity bit per element of each F and G input
   lets the backward rebuild those inputs exactly (`course_lib.meft.rounding`).
 
@@ -41,7 +48,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from course_lib.meft.coupling import ReversibleCoupling, _check_streams
+from course_lib.meft.coupling import ReversibleCoupling, _check_streams, batch_rows
 from course_lib.meft.rounding import pack_parity, round_with_parity
 
 __all__ = ["ReversibleStackFunction", "reversible_stack", "run_couplings"]
@@ -65,15 +72,15 @@ def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
 
 
 class ReversibleStackFunction(torch.autograd.Function):
-    """forward(x1, x2, mask, couplings, exact_inputs, *trainable_params) -> (out1, out2); saves only
-    the outputs (and, with exact_inputs, the parity bits of every layer input).
+    """forward(x1, x2, mask, couplings, exact_inputs, overwrite_outputs, *trainable_params) -> (out1, out2);
+    saves only the outputs (and, with exact_inputs, the parity bits of every layer input).
 
     Use `reversible_stack`, which collects the parameters. Derived in
     notebooks/part4_meft/31_reversible_layers.ipynb.
     """
 
     @staticmethod
-    def forward(ctx, x1, x2, attention_mask, couplings, exact_inputs, *params):  # type: ignore[override]
+    def forward(ctx, x1, x2, attention_mask, couplings, exact_inputs, overwrite_outputs, *params):  # type: ignore[override]
         # runs without a graph (autograd.Function.forward is under no_grad)
         replay_dropout = any(coupling.training for coupling in couplings)
         states, bits, bit_slots = [], [], []  # bit_slots[i] = (F's, G's) index into bits, -1: none
@@ -99,6 +106,7 @@ class ReversibleStackFunction(torch.autograd.Function):
         ctx.couplings = couplings
         ctx.has_mask = attention_mask is not None
         ctx.replay_dropout = replay_dropout
+        ctx.overwrite_outputs = bool(overwrite_outputs)
         ctx.num_states = len(states)
         ctx.bit_slots = bit_slots
         ctx.index = {id(p): i for i, p in enumerate(params)}  # parameter -> position among the inputs
@@ -129,58 +137,116 @@ class ReversibleStackFunction(torch.autograd.Function):
                 param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
 
         d1, d2 = grad_out1, grad_out2
+        # The four streams (y1, y2 and their gradients) are rewritten in place as the walk goes
+        # down, so the whole backward holds four (B, T, C) buffers instead of allocating new ones
+        # at every step (MEFT's streams are float64: 12.6 MiB each at batch 32 x 128 x 384). The
+        # top layer's tensors are not ours: the incoming gradients (autograd may hand the same
+        # tensor to both streams) and the saved outputs, which the caller may still read; that
+        # step computes them out of place, unless overwrite_outputs says the outputs are free to
+        # reuse. From then on every buffer is one this backward allocated.
         fork_devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=fork_devices, enabled=ctx.replay_dropout):
             for i in reversed(range(len(ctx.couplings))):
                 coupling = ctx.couplings[i]
+                below_top = i < len(ctx.couplings) - 1
+                owned = below_top or ctx.overwrite_outputs  # may y1, y2 be overwritten?
+                owned_grads = below_top  # may dy1, dy2?
                 # the layer's own (y1, y2) and their gradients
                 if coupling.swap_outputs:
                     y1, y2, dy1, dy2 = out2, out1, d2, d1
                 else:
                     y1, y2, dy1, dy2 = out1, out2, d1, d2
+                del out1, out2, d1, d2
                 g_params, f_params = _trainable(coupling.G), _trainable(coupling.F)
 
-                # 1-3: G with a graph; x2 from it; dy2 through G
+                # 1-3: G with a graph; x2 from it; dy2 through G (one piece of the batch at a
+                # time, coupling.batch_chunks, so that one piece's graph is alive at a time)
+                bounds = coupling.chunk_bounds(y1.shape[0])
                 if ctx.replay_dropout:
                     _set_rng_state(states[2 * i + 1], device)
                 f_slot, g_slot = ctx.bit_slots[i]
                 g_input = _exact_input(coupling, y1, bits, g_slot)
-                with torch.enable_grad():
-                    y1_leaf = y1.detach().requires_grad_(True)
-                    g = coupling.run_G(y1_leaf, attention_mask, g_input)  # (B, T, C)
-                grads = torch.autograd.grad(g, [y1_leaf, *g_params], dy2, allow_unused=True)
-                accumulate(g_params, grads[1:])
-                dy1 = dy1 + grads[0] if grads[0] is not None else dy1  # dL/dy1 = dy1 + G'(y1)^T dy2
-                x2 = (y2 - g.detach()) / coupling.beta  # x2 = (y2 - G(y1)) / beta
-                del g, grads, y1_leaf
+                dy1 = dy1 if owned_grads else dy1.clone()  # dL/dy1 = dy1 + G'(y1)^T dy2
+                x2 = y2 if owned else y2.clone()  # x2 = (y2 - G(y1)) / beta
+                del y2
+                g_grads = _undo_half(coupling.run_G, g_params, y1, x2, dy2, dy1, coupling.beta, bounds, attention_mask, g_input)
+                accumulate(g_params, g_grads)
+                del g_input, g_grads
+                dx2 = _scale(dy2, coupling.beta, owned_grads)  # dL/dx2 = beta dy2 (+ F'(x2)^T dL/dy1 below)
+                del dy2
 
-                # 4-5: F with a graph; x1 from it; dL/dy1 through F
+                # 4-5: F with a graph; x1 from it; dL/dy1 through F, in the same pieces
                 need_x2_grad = i > 0 or need_input_grad
                 if ctx.replay_dropout:
                     _set_rng_state(states[2 * i], device)
                 f_input = _exact_input(coupling, x2, bits, f_slot)
-                with torch.enable_grad():
-                    x2_leaf = x2.detach().requires_grad_(need_x2_grad)
-                    f = coupling.run_F(x2_leaf, attention_mask, f_input)  # (B, T, C)
-                inputs = ([x2_leaf] if need_x2_grad else []) + f_params
-                grads = torch.autograd.grad(f, inputs, dy1, allow_unused=True) if inputs and f.requires_grad else [None] * len(inputs)
-                accumulate(f_params, grads[1:] if need_x2_grad else grads)
-                x1 = (y1 - f.detach()) / coupling.lambda_  # x1 = (y1 - F(x2)) / lambda
-                dx2 = coupling.beta * dy2  # dL/dx2 = beta dy2 + F'(x2)^T dL/dy1
-                if need_x2_grad and grads[0] is not None:
-                    dx2 = dx2 + grads[0]
-                dx1 = coupling.lambda_ * dy1  # dL/dx1 = lambda dL/dy1
-                del f, grads, x2_leaf
+                x1 = y1 if owned else y1.clone()  # x1 = (y1 - F(x2)) / lambda
+                del y1
+                f_grads = _undo_half(coupling.run_F, f_params, x2, x1, dy1, dx2 if need_x2_grad else None,
+                                     coupling.lambda_, bounds, attention_mask, f_input)  # fmt: skip
+                accumulate(f_params, f_grads)
+                del f_input, f_grads
+                dx1 = _scale(dy1, coupling.lambda_, True)  # dL/dx1 = lambda dL/dy1 (dy1 is ours by now)
+                del dy1
 
                 out1, out2, d1, d2 = x1, x2, dx1, dx2  # the layer below sees (x1, x2) as its outputs
+                del x1, x2, dx1, dx2
         return (
             d1 if ctx.needs_input_grad[0] else None,
             d2 if ctx.needs_input_grad[1] else None,
-            None,
-            None,
-            None,
+            None,  # attention_mask
+            None,  # couplings
+            None,  # exact_inputs
+            None,  # overwrite_outputs
             *param_grads,
         )
+
+
+def _undo_half(run, params: list[nn.Parameter], inp: torch.Tensor, target: torch.Tensor, grad_out: torch.Tensor,
+               grad_in: torch.Tensor | None, scale: float, bounds: list[tuple[int, int]],
+               attention_mask: torch.Tensor | None, exact_input: torch.Tensor | None) -> list[torch.Tensor | None]:  # fmt: skip
+    """One half of a coupling backwards, out = scale * target + H(inp), H = F or G (`run` is
+    `coupling.run_F` or `run_G`), piece by piece: recompute H(inp) with a graph, rebuild
+    target = (out - H(inp)) / scale in `target`'s buffer (it holds `out` on entry), add
+    H'(inp)^T grad_out to `grad_in` (None: no input gradient wanted), and return the parameter
+    gradients of H summed over the pieces."""
+    piece_grads = []
+    for a, b in bounds:
+        with torch.enable_grad():
+            leaf = inp[a:b].detach().requires_grad_(grad_in is not None)
+            h = run(leaf, batch_rows(attention_mask, a, b), batch_rows(exact_input, a, b), cast_back=False,
+                    in_chunks=False)  # (b - a, T, C), in the layer's dtype  # fmt: skip
+        inputs = ([leaf] if grad_in is not None else []) + params
+        if inputs and h.requires_grad:
+            grads = list(torch.autograd.grad(h, inputs, grad_out[a:b].to(h.dtype), allow_unused=True))
+        else:
+            grads = [None] * len(inputs)
+        if grad_in is not None:
+            input_grad = grads.pop(0)
+            if input_grad is not None:
+                grad_in[a:b].add_(input_grad)
+            del input_grad  # not alive during the next piece's backward
+        piece_grads.append(grads)
+        target[a:b].sub_(h.detach()).div_(scale)
+        del grads, leaf, h
+    return _sum_pieces(piece_grads)
+
+
+def _sum_pieces(piece_grads: list[Sequence[torch.Tensor | None]]) -> list[torch.Tensor | None]:
+    """Per-parameter sums of the pieces' gradients, last piece first: the order in which autograd
+    accumulates them through the pieces of a plain forward (the later graph runs first), so that
+    the sums are bit for bit the same."""
+    sums: list[torch.Tensor | None] = list(piece_grads[-1])
+    for grads in reversed(piece_grads[:-1]):
+        sums = [g if s is None else s if g is None else s + g for s, g in zip(sums, grads)]
+    return sums
+
+
+def _scale(x: torch.Tensor, scale: float, in_place: bool) -> torch.Tensor:
+    """scale * x, in x's own buffer when `in_place` (a new tensor otherwise, even for scale 1)."""
+    if in_place:
+        return x if scale == 1.0 else x.mul_(scale)
+    return x * scale
 
 
 def _exact_input(coupling: ReversibleCoupling, stream: torch.Tensor, bits: Sequence[torch.Tensor], slot: int):
@@ -197,6 +263,7 @@ def reversible_stack(
     attention_mask: torch.Tensor | None = None,
     *,
     exact_inputs: bool = True,
+    overwrite_outputs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `couplings` in turn on (x1, x2), keeping only the two outputs for backward.
 
@@ -211,6 +278,12 @@ def reversible_stack(
     (`course_lib.meft.rounding`), so that the recomputed F and G equal the forward's and the
     gradients equal plain autograd's as long as the streams' reconstruction error stays below half
     a float32 step. Cost: 2 bits per element per coupling. Without a cast it stores nothing.
+
+    `overwrite_outputs` (default False): the backward may rebuild the top layer's inputs in the
+    buffers of the two returned outputs, which saves two (B, T, C) buffers at the backward's peak;
+    after backward the returned tensors then hold the stack's *inputs*. Set it only when nothing
+    reads the outputs after backward (`MEFTEncoder.forward` does: it keeps only their average).
+    A second backward through the same graph is then refused by autograd's in-place check.
 
     Derived in notebooks/part4_meft/31_reversible_layers.ipynb.
     """
@@ -231,7 +304,7 @@ def reversible_stack(
     needs_grad = torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad or bool(params))
     if not needs_grad:
         return run_couplings(couplings, x1, x2, attention_mask)
-    return ReversibleStackFunction.apply(x1, x2, attention_mask, couplings, bool(exact_inputs), *params)
+    return ReversibleStackFunction.apply(x1, x2, attention_mask, couplings, bool(exact_inputs), bool(overwrite_outputs), *params)
 
 
 def run_couplings(
