@@ -47,7 +47,7 @@ class TinyEncoder(nn.Module):
         return self.classifier(x.mean(dim=1))  # (B, classes)
 
 
-PATTERN = r"layers\.\d+\.act$"
+PATTERN = r"layers\.\d+\.act"
 
 
 def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -342,3 +342,36 @@ def test_minilm_activation_module_is_post_gelu_and_baseline_is_dense(minilm_enco
         assert value == pytest.approx((output[mask] != 0).float().mean().item())
     mean = sum(density.values()) / len(density)
     assert 0.99 < mean <= 1.0  # DEFT: a baseline MiniLM is ~99.8% exactly non-zero
+
+
+def test_activation_patterns_follow_peft_conventions():
+    """One convention for every module pattern in course_lib: a regex matching the whole name, or a
+    list of name endings (Hugging Face peft's target_modules); a regex that only matches inside a
+    name is refused with the whole-name form to write."""
+    model = nn.Sequential(_TinyMLP(), _TinyMLP())  # names 0.mlp.act and 1.mlp.act
+    assert list(find_activation_modules(model, r".*mlp\.act")) == ["0.mlp.act", "1.mlp.act"]
+    assert list(find_activation_modules(model, ["mlp.act"])) == ["0.mlp.act", "1.mlp.act"]
+    assert list(find_activation_modules(model, r"0\.mlp\.act")) == ["0.mlp.act"]
+    with pytest.raises(ValueError, match=r"matches inside 2 name\(s\).*'\.\*mlp\\\\.act'"):
+        find_activation_modules(model, r"mlp\.act$")
+    with pytest.raises(TypeError, match="list of name endings"):
+        find_activation_modules(model, 3)
+
+
+def test_density_counts_real_tokens_by_default_where_a_mask_exists():
+    """mask_padding=True is the default everywhere (DEFTLoss, SparsityConfig, the meters): real
+    tokens where a batch carries an attention mask, every position where it has none."""
+    class Tokens(nn.Module):  # input_ids (B, T) -> a ReLU'd embedding (B, T, 4): zeros where ids are 0
+        def __init__(self):
+            super().__init__()
+            self.act = nn.ReLU()
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.act(input_ids.float()[..., None].expand(-1, -1, 4) - 0.5)
+
+    ids = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])  # padding id 0 gives zeros
+    mask = (ids != 0).long()
+    batch = {"input_ids": ids, "attention_mask": mask}
+    assert density_over_batches(Tokens(), [batch], "act") == {"act": 1.0}  # real tokens only
+    assert density_over_batches(Tokens(), [batch], "act", mask_padding=False) == {"act": 3 / 8}
+    assert density_over_batches(Tokens(), [{"input_ids": ids}], "act") == {"act": 3 / 8}  # no mask, no padding known

@@ -27,7 +27,7 @@ from course_lib.widgets.sparsity import (  # noqa: E402
     sparsity_histogram,
 )
 
-PATTERN = r"layers\.\d+\.act$"
+PATTERN = r"layers\.\d+\.act"
 
 
 class WordTokenizer:

@@ -76,14 +76,14 @@ def measure_density(
     module_pattern: str | None = None,
     *,
     threshold: float = 0.0,
-    mask_padding: bool = False,
+    mask_padding: bool = True,
 ) -> DensityReport:
     """Density of the MLP activations of `model` over `batches`, per layer, in eval mode.
 
     `batches`: HF-style dict batches (a DataLoader of `course_lib.text.make_loader`), tensors or
-    (inputs, labels) pairs. `module_pattern` names the activation modules (regex; default: the
+    (inputs, labels) pairs. `module_pattern` names the activation modules (a whole-name regex or a list of name endings, as in `course_lib.peft`; default: the
     known architectures of `course_lib.meters.DEFAULT_ACTIVATION_PATTERNS`; the tiny Point-MAE
-    needs `r"mlp\\.activation$"`). `threshold=0` counts exact non-zeros, as DEFT does.
+    needs `r".*mlp\\.activation"`). `threshold=0` counts exact non-zeros, as DEFT does.
 
     Derived in notebooks/part3_deft/20_activation_sparsity.ipynb.
     """

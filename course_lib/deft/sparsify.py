@@ -103,7 +103,7 @@ class SparsityConfig:
         (threshold: tau = the (1 - d) quantile of |act(z)|; relu: tau = the (1 - d) quantile
         of z). None for "relu" means plain ReLU (tau = 0); "threshold" needs a value.
     correct_bias: fold the mean of the dropped part into the second projection's bias.
-    module_pattern: the activation modules (regex; default: `course_lib.meters`' known names).
+    module_pattern: the activation modules (a whole-name regex or a list of name endings, as in `course_lib.peft`; default: `course_lib.meters`' known names).
     mask_padding: calibrate on real tokens only (dict batches with an "attention_mask").
     max_values: values per layer used for the quantile (an even subsample beyond that).
 

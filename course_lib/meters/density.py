@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from course_lib.batches import move_to_device
+from course_lib.peft.matching import ModulePattern, describe_pattern, name_matches
 
 __all__ = [
     "DEFAULT_ACTIVATION_PATTERNS",
@@ -35,39 +36,54 @@ __all__ = [
     "find_activation_modules",
 ]
 
-#: Names of MLP activation modules in common architectures, tried in order (regex, re.search).
+#: Names of MLP activation modules in common architectures, tried in order (regexes that must
+#: match the whole dotted name, as every pattern in course_lib and Hugging Face peft).
 DEFAULT_ACTIVATION_PATTERNS: tuple[str, ...] = (
-    r"intermediate\.intermediate_act_fn$",  # BERT, RoBERTa, MiniLM (Hugging Face)
-    r"DenseReluDense\.act$",  # T5
-    r"mlp\.act$",  # GPT-2, ViT/timm-style blocks
-    r"mlp\.act_fn$",  # LLaMA, Mistral (the gate's activation)
+    r".*intermediate\.intermediate_act_fn",  # BERT, RoBERTa, MiniLM (Hugging Face)
+    r".*DenseReluDense\.act",  # T5
+    r".*mlp\.act",  # GPT-2, ViT/timm-style blocks
+    r".*mlp\.act_fn",  # LLaMA, Mistral (the gate's activation)
 )
 
 
-def find_activation_modules(model: nn.Module, module_pattern: str | None = None) -> dict[str, nn.Module]:
-    """Modules of `model` whose name matches `module_pattern` (a regex, `re.search`).
+def find_activation_modules(model: nn.Module, module_pattern: ModulePattern | None = None) -> dict[str, nn.Module]:
+    """Modules of `model` whose name matches `module_pattern`, with the convention of
+    `course_lib.peft.matching` (and Hugging Face peft's `target_modules`): a regex that must match
+    the **whole** dotted name (`r".*mlp\.activation"`), or a list of name endings (`["mlp.activation"]`).
 
     Without a pattern, the first of `DEFAULT_ACTIVATION_PATTERNS` that matches anything is used.
-    Raises ValueError when nothing matches, listing a few module names to choose from.
+    Raises ValueError when nothing matches, listing a few module names to choose from (and, for a
+    regex that matches only inside names, the whole-name form to write instead).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     named = [(name, module) for name, module in model.named_modules() if name]
     patterns = (module_pattern,) if module_pattern is not None else DEFAULT_ACTIVATION_PATTERNS
     for pattern in patterns:
-        try:
-            regex = re.compile(pattern)
-        except re.error as error:
-            raise ValueError(f"module_pattern {pattern!r} is not a valid regular expression: {error}") from None
-        found = {name: module for name, module in named if regex.search(name)}
+        if isinstance(pattern, str):
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"module_pattern {pattern!r} is not a valid regular expression: {error}") from None
+        elif not (isinstance(pattern, (list, tuple, set, frozenset)) and pattern and all(isinstance(p, str) for p in pattern)):
+            raise TypeError(f"module_pattern must be a regex string or a non-empty list of name endings, got {pattern!r}")
+        found = {name: module for name, module in named if name_matches(name, pattern)}
         if found:
             return found
     examples = [name for name, _ in named if re.search(r"act|gelu|relu|mlp|intermediate", name, re.IGNORECASE)][:8]
     examples = examples or [name for name, _ in named][:8]
-    tried = module_pattern if module_pattern is not None else " | ".join(DEFAULT_ACTIVATION_PATTERNS)
+    tried = describe_pattern(module_pattern) if module_pattern is not None else " | ".join(DEFAULT_ACTIVATION_PATTERNS)
+    hint = ""
+    if isinstance(module_pattern, str):
+        inside = [name for name, _ in named if re.search(module_pattern, name)]
+        if inside:  # the re.search convention of earlier versions
+            hint = (f" It matches inside {len(inside)} name(s), e.g. {inside[0]!r}, but patterns must match whole "
+                    f"names (as in Hugging Face peft): write {'.*' + module_pattern.removesuffix('$')!r} or a list of "
+                    f"name endings.")  # fmt: skip
     raise ValueError(
-        f"no module of {type(model).__name__} matches {tried!r}. Pass module_pattern= a regex that matches "
-        f"the activation modules (which must be nn.Modules, not functions); some module names: {examples}"
+        f"no module of {type(model).__name__} matches {tried}.{hint} Pass module_pattern= a regex that matches the "
+        f"whole names of the activation modules (which must be nn.Modules, not functions), or a list of name "
+        f"endings; some module names: {examples}"
     )
 
 
@@ -230,13 +246,15 @@ def density_over_batches(
     module_pattern: str | None = None,
     *,
     threshold: float = 0.0,
-    mask_padding: bool = False,
+    mask_padding: bool = True,
 ) -> dict[str, float]:
     """Per-layer activation density over many batches (e.g. a validation DataLoader).
 
     Runs in eval mode without gradients (the model's mode is restored afterwards), as DEFT
-    evaluates. `mask_padding=True` leaves out padding tokens, using each dict batch's
-    "attention_mask".
+    evaluates. `mask_padding=True` (the default, as in `course_lib.deft`) leaves out padding
+    tokens, using each dict batch's "attention_mask" when it has one (a batch without a mask,
+    or a tensor batch, has no padding to leave out); False counts every position, as the
+    official DEFT code does.
     """
     was_training = model.training
     device = _model_device(model)
@@ -244,11 +262,9 @@ def density_over_batches(
     try:
         with torch.no_grad(), DensityCounter(model, module_pattern, threshold=threshold) as counter:
             for batch in batches:
-                if mask_padding:
-                    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-                    if not isinstance(inputs, Mapping) or "attention_mask" not in inputs:
-                        raise ValueError("mask_padding=True needs dict batches with an 'attention_mask'")
-                    counter.attention_mask = inputs["attention_mask"]
+                inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+                has_mask = isinstance(inputs, Mapping) and inputs.get("attention_mask") is not None
+                counter.attention_mask = inputs["attention_mask"] if mask_padding and has_mask else None
                 _forward(model, move_to_device(batch, device))
             return counter.densities()
     finally:
