@@ -6,11 +6,12 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: help setup test unit nbval book lab bench data lock clean
+.PHONY: help setup browser test unit nbval book check-site lab bench data lock clean
 
 help:
 	@echo "make book   execute the course on the embedded defaults and build the site (_build/html)"
-	@echo "make test   unit tests, then every notebook under nbval in fast mode"
+	@echo "make test   unit tests (browser tests of the site in headless Chromium included), then every notebook under nbval in fast mode"
+	@echo "make check-site  open every page of the built site in headless Chromium and report what a reader sees"
 	@echo "make lab    open JupyterLab on the course"
 	@echo "make bench  run the benchmarks (results/bench/*.json)"
 	@echo "make data   generate the embedded data sets"
@@ -26,7 +27,11 @@ setup: $(STAMP)
 data: $(STAMP)
 	$(PY) -m data_scripts.make_all
 
-unit: $(STAMP) data
+# Chromium for the browser tests: installed with apt-get where we are root, else the command to run
+browser:
+	bash scripts/setup_browser.sh
+
+unit: $(STAMP) data browser
 	$(PY) -m pytest tests -q
 
 nbval: $(STAMP) data
@@ -43,6 +48,9 @@ book: $(STAMP) data
 	env -u COURSE_FAST TQDM_DISABLE=1 $(PY) scripts/execute_book.py --workers $(BOOK_WORKERS) --timeout 1800
 	env -u COURSE_FAST $(VENV)/bin/jupyter-book build . --config book.yml --toc toc.yml
 	@echo "site: $(CURDIR)/_build/html/index.html"
+
+check-site: $(STAMP) browser
+	$(PY) scripts/check_site.py --json results/site_check.json
 
 lab: $(STAMP) data
 	$(VENV)/bin/jupyter lab notebooks

@@ -1,0 +1,179 @@
+"""Open the built site in headless Chromium, as a teacher's readers will, and report what they see.
+
+For every page: whether MathJax typeset its formulas (rendered `mjx-container`s, and no raw TeX
+left in the text), how many results tables render as HTML tables, JavaScript errors and console
+errors, and every request that left the local server (the offline course must not need one).
+The site is served from 127.0.0.1 by Python's own HTTP server, so relative links, MathJax's
+fonts and the search index load as they would from any web server.
+
+    python scripts/check_site.py                 # _build/html, every page of toc.yml
+    python scripts/check_site.py --site DIR page.html other.html
+
+Exit status 1 when a page has raw TeX, a script error or an outside request. Chromium comes
+from the system (Debian: `apt-get install chromium`; `CHROMIUM=/path` to choose another);
+Playwright drives it (`playwright install` is never needed). `tests/test_browser_site.py` runs the
+same checks on a scratch book.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import http.server
+import json
+import os
+import shutil
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: Flags that keep Chromium off the network it has no business on (updates, sync, telemetry).
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")  # fmt: skip
+
+#: TeX that should never reach a reader as text once MathJax has run.
+RAW_TEX_MARKERS = ("\\frac", "\\sum", "\\mathcal", "\\operatorname", "\\lambda", "\\alpha", "$$")
+
+
+def find_chromium() -> str | None:
+    """The system's Chromium: $CHROMIUM, else chromium / chromium-browser on PATH."""
+    candidates = [os.environ.get("CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser")]
+    return next((c for c in candidates if c and Path(c).exists()), None)
+
+
+@contextlib.contextmanager
+def serve(folder: Path) -> Iterator[str]:
+    """Serve `folder` on 127.0.0.1 (a free port) in a thread; yields the base URL."""
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # the base class names it format
+        pass
+
+
+def check_pages(site: Path, pages: Sequence[str], *, chromium: str | None = None, timeout_ms: int = 30_000) -> dict[str, dict]:
+    """Open each page (a path relative to `site`) and report what a reader gets.
+
+    Per page: `mathjax_rendered` (typeset formulas), `raw_tex` (TeX markers left in the visible
+    text), `tables` (HTML tables), `page_errors` (uncaught JavaScript errors), `console_errors`,
+    `outside_requests` (URLs not on the local server), `missing` (local files that answered 404).
+    """
+    from playwright.sync_api import sync_playwright
+
+    chromium = chromium or find_chromium()
+    if chromium is None:
+        raise FileNotFoundError("no Chromium found: install it (Debian: apt-get install chromium) or set CHROMIUM=/path")
+    report: dict[str, dict] = {}
+    with serve(site) as base, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=list(CHROMIUM_FLAGS))
+        try:
+            for page_path in pages:
+                report[page_path] = _check_page(browser, base, page_path, timeout_ms)
+        finally:
+            browser.close()
+    return report
+
+
+def _check_page(browser: Any, base: str, page_path: str, timeout_ms: int) -> dict[str, Any]:
+    context = browser.new_context()
+    page = context.new_page()
+    found: dict[str, list[str]] = {"page_errors": [], "console_errors": [], "outside_requests": [], "missing": []}
+    page.on("pageerror", lambda error: found["page_errors"].append(str(error)))
+    page.on("console", lambda message: found["console_errors"].append(message.text) if message.type == "error" else None)
+
+    def route(request_route: Any) -> None:  # answer outside requests with an error instead of waiting on them
+        url = request_route.request.url
+        if url.startswith((base, "data:", "blob:", "about:")):
+            request_route.continue_()
+        else:
+            found["outside_requests"].append(url)
+            request_route.abort()
+
+    page.route("**/*", route)
+    page.on("response", lambda response: found["missing"].append(response.url) if response.status == 404 else None)
+    page.goto(base + page_path, wait_until="load", timeout=timeout_ms)
+    has_math = page.evaluate("() => !!document.querySelector('.math, .MathJax_Preview, script[type^=\"math/tex\"]')")
+    if has_math:  # MathJax 3 typesets after load: wait for it, or for the timeout
+        with contextlib.suppress(Exception):
+            page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise", timeout=timeout_ms)
+            page.evaluate("() => MathJax.startup.promise")
+    text = page.inner_text("body")
+    result = {
+        "mathjax_rendered": page.locator("mjx-container").count(),
+        "raw_tex": sorted({marker for marker in RAW_TEX_MARKERS if marker in text}),
+        "tables": page.locator("table").count(),
+        **found,
+    }
+    context.close()
+    return result
+
+
+def problems(report: dict[str, dict]) -> list[str]:
+    """One line per failure: raw TeX, a JavaScript error, a console error, an outside request, a 404."""
+    lines = []
+    for page, row in report.items():
+        for key in ("raw_tex", "page_errors", "console_errors", "outside_requests", "missing"):
+            if row[key]:
+                lines.append(f"{page}: {key} {row[key][:3]}")
+    return lines
+
+
+def toc_pages(toc: Path = REPO_ROOT / "toc.yml") -> list[str]:
+    """The HTML page of every file in the table of contents."""
+    import yaml
+
+    files: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key in ("root", "file"):
+                if isinstance(node.get(key), str):
+                    files.append(node[key])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(yaml.safe_load(toc.read_text()))
+    return [str(Path(name).with_suffix(".html")) for name in files]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("pages", nargs="*", help="pages relative to the site (default: every page of toc.yml)")
+    parser.add_argument("--site", type=Path, default=REPO_ROOT / "_build" / "html")
+    parser.add_argument("--json", type=Path, help="also write the report here")
+    args = parser.parse_args(argv)
+    if not (args.site / "index.html").exists():
+        print(f"check_site: no built site in {args.site}: run `make book` first", file=sys.stderr)
+        return 2
+    pages = args.pages or toc_pages()
+    report = check_pages(args.site, pages)
+    for page, row in report.items():
+        print(f"{page:60s} formulas {row['mathjax_rendered']:4d}  tables {row['tables']:3d}  raw TeX {len(row['raw_tex'])}  "
+              f"errors {len(row['page_errors']) + len(row['console_errors'])}  outside {len(row['outside_requests'])}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    failures = problems(report)
+    print("\n".join(failures) if failures else f"check_site: {len(report)} pages, no problem found")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
