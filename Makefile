@@ -19,7 +19,7 @@ help:
 	@echo "make clean  remove build output and caches (keeps .venv)"
 
 # The environment is rebuilt whenever the lock file, the project file or the script change.
-$(STAMP): requirements.lock pyproject.toml scripts/setup_env.sh
+$(STAMP): requirements.lock pyproject.toml scripts/setup_env.sh scripts/jupyterlab_page_config.json
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup_env.sh
 
 setup: $(STAMP)

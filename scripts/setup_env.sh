@@ -7,7 +7,8 @@
 #      with apt-get when we are root, otherwise we stop and print the exact command to run;
 #   2. a Python 3.11, 3.12 or 3.13 virtual environment in .venv (3.10 is refused, with why);
 #   3. the pinned requirements (requirements.lock) and course_lib in editable mode;
-#   4. an import check of the heavy dependencies.
+#   4. JupyterLab's page config (no build prompt for dash's source extension);
+#   5. an import check of the heavy dependencies.
 # The stamp file .venv/.installed is written last, so an interrupted run is redone next time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -92,7 +93,16 @@ say "installing the pinned requirements (requirements.lock)"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements.lock
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 
-# --- 4. check -----------------------------------------------------------------------------
+# --- 4. JupyterLab without a build prompt ---------------------------------------------------
+# open3d pulls in dash, whose JupyterLab extension is a source extension: every JupyterLab
+# session opened with a "Build Recommended" dialog whose default button downloads ~139 MB and
+# then fails offline. The course needs no build (its widgets are prebuilt extensions): the
+# venv's own labconfig turns the build check off and disables that extension, for `make lab`
+# and any `jupyter lab` started from this venv.
+mkdir -p "$VENV/etc/jupyter/labconfig"
+cp scripts/jupyterlab_page_config.json "$VENV/etc/jupyter/labconfig/page_config.json"
+
+# --- 5. check -----------------------------------------------------------------------------
 "$VENV/bin/python" - <<'PY'
 import importlib, sys
 for name in ["torch", "transformers", "peft", "open3d", "nbval", "course_lib"]:
