@@ -9,6 +9,11 @@ every page, and any other script a page lists twice. It also gives the theme its
 `default_mode` ("auto": follow the reader's system), which pydata-sphinx-theme reads from the
 page context; left empty, every page logged "Got invalid theme mode" as a console error.
 
+A notebook that the build could not execute (it failed, or timed out) used to appear as code
+without outputs and without a word, and the execution-times table left it out silently: such a
+page now opens with a notice that says so and what to do, and the page that shows the table
+lists the notebooks it leaves out.
+
 Checked in a real browser by `scripts/check_site.py` and `tests/test_browser_site.py`.
 """
 
@@ -16,8 +21,47 @@ from __future__ import annotations
 
 from typing import Any
 
+NOT_EXECUTED = (
+    '<div class="admonition warning course-not-executed"><p class="admonition-title">Not executed in this build</p>'
+    "<p>The build of this site could not execute this notebook ({reason}), so its code is shown without "
+    "outputs. Open it in JupyterLab (<code>make lab</code>) and run it there, or rebuild the site with "
+    "<code>make book</code>, which prints the error.</p></div>"
+)
+
+
+def _execution(app: Any, docname: str) -> dict | None:
+    """myst-nb's execution record of a notebook page: None when it was not executed at all."""
+    data = getattr(app.env, "nb_metadata", {}).get(docname, {}).get("exec_data")
+    return dict(data) if data else None
+
+
+def _notebook_pages(app: Any) -> list[str]:
+    return sorted(name for name in app.env.found_docs if str(app.env.doc2path(name)).endswith(".ipynb"))
+
+
+def _not_executed(app: Any) -> dict[str, str]:
+    """Notebook pages the build did not execute successfully, with the reason."""
+    missing = {}
+    for docname in _notebook_pages(app):
+        record = _execution(app, docname)
+        if record is None:
+            missing[docname] = "it was not executed"
+        elif record.get("succeeded") is False:
+            missing[docname] = "its execution failed"
+    return missing
+
 
 def _offline_page(app: Any, pagename: str, templatename: str, context: dict, doctree: Any) -> None:
+    body = context.get("body")
+    if isinstance(body, str):
+        not_executed = _not_executed(app)
+        if pagename in not_executed:
+            context["body"] = NOT_EXECUTED.format(reason=not_executed[pagename]) + body
+        if getattr(app.env, "nb_metadata", {}).get(pagename, {}).get("has_exec_table"):  # myst-nb's nb-exec-table
+            listed = "".join(f"<li><code>{name}</code>: {reason}</li>" for name, reason in not_executed.items())
+            note = (f"<p>Left out of the table, not executed in this build:</p><ul>{listed}</ul>" if listed
+                    else "<p>Every notebook of the site was executed in this build.</p>")  # fmt: skip
+            context["body"] += f'<div class="course-execution-summary">{note}</div>'
     if not context.get("default_mode"):
         context["default_mode"] = "auto"
     scripts = context.get("script_files")
@@ -27,10 +71,10 @@ def _offline_page(app: Any, pagename: str, templatename: str, context: dict, doc
     for script in scripts:
         filename = str(getattr(script, "filename", script) or "")
         attributes = getattr(script, "attributes", {}) or {}
-        body = attributes.get("body", "")
-        if "THEBE_JS_URL" in body or filename.endswith("sphinx-thebe.js"):
+        inline = attributes.get("body", "")
+        if "THEBE_JS_URL" in inline or filename.endswith("sphinx-thebe.js"):
             continue  # Thebe is off: it needs a Binder server, the offline course has none
-        key = (filename, body)
+        key = (filename, inline)
         if key in seen:
             continue
         seen.add(key)

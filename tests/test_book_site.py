@@ -1,8 +1,10 @@
-"""The built site works offline where a reader needs it: a scratch book built with the sphinx
-settings of book.yml serves MathJax from its own _static folder (no script or stylesheet from
-another host) and renders a results table printed as Markdown as an HTML table, not as
-"| a | b |" text. (The course's own pages are built by `make book`; this checks the settings on a
-two-page book in seconds.)"""
+"""The built site works offline where a reader needs it, and says what the build could not do.
+
+A scratch book built with the sphinx settings of book.yml (`conftest.scratch_site`) serves
+MathJax from its own _static folder (no script or stylesheet from another host), renders a
+results table printed as Markdown as an HTML table, not as "| a | b |" text, and marks a notebook
+whose execution failed (a notice on its page, and a line under the execution-times table).
+(The course's own pages are built by `make book`; this checks the settings in seconds.)"""
 
 from __future__ import annotations
 
@@ -28,3 +30,10 @@ def test_mathjax_is_served_from_the_site(scratch_site):
 def test_markdown_results_tables_render_as_tables(scratch_site):
     html = (scratch_site / "table.html").read_text()
     assert re.search(r"<th[^>]*>\s*(<p>)?method", html), "the Markdown table output was not rendered as a table"
+
+
+def test_a_notebook_the_build_could_not_execute_says_so(scratch_site):
+    assert "Not executed in this build" in (scratch_site / "broken.html").read_text()
+    assert "Not executed in this build" not in (scratch_site / "table.html").read_text()
+    times = (scratch_site / "times.html").read_text()
+    assert "Left out of the table, not executed in this build" in times and "<code>broken</code>" in times
