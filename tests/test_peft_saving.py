@@ -340,7 +340,7 @@ def test_a_failed_save_leaves_the_old_adapter_and_no_half_written_folder(bert, t
 # --- prompt and prefix tuning across families ----------------------------------------------
 
 
-def test_prompt_tuning_on_roberta_equals_peft_and_decoders_get_a_clear_error(batch):
+def test_prompt_tuning_on_roberta_equals_peft_and_prefix_tuning_on_a_decoder_gets_a_clear_error(batch):
     from course_lib.peft import PromptEmbedding
 
     transformers.logging.set_verbosity_error()
@@ -362,6 +362,66 @@ def test_prompt_tuning_on_roberta_equals_peft_and_decoders_get_a_clear_error(bat
     prefixed = copy.deepcopy(roberta)
     inject_peft(prefixed, "prefix_tuning", num_virtual_tokens=4)  # checked against attention by hand on BERT
     assert _logits(prefixed, inputs).isfinite().all()
-    for method in ("prompt_tuning", "prefix_tuning"):
-        with pytest.raises(ValueError, match="needs a BERT-family model"):
-            inject_peft(_tiny_gpt2(), method)
+    with pytest.raises(ValueError, match="needs a BERT-family model"):
+        inject_peft(_tiny_gpt2(), "prefix_tuning")
+
+
+def _prompts_of(model: torch.nn.Module) -> torch.Tensor:
+    from course_lib.peft import PromptEmbedding
+
+    return next(m for m in model.modules() if isinstance(m, PromptEmbedding)).weight
+
+
+def test_prompt_tuning_on_gpt2_equals_peft_causal_lm_logits_and_loss(batch):
+    """A causal LM: prompts in front of the token embeddings, labels shifted by P ignored positions."""
+    gpt2 = _tiny_gpt2()
+    inputs = {"input_ids": batch["input_ids"] % 100, "attention_mask": batch["attention_mask"]}
+    inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    theirs = peft.get_peft_model(copy.deepcopy(gpt2), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    theirs.eval()
+    _perturb(theirs)
+    ours = copy.deepcopy(gpt2)
+    report = inject_peft(ours, "prompt_tuning", num_virtual_tokens=4)
+    assert report.trainable == 4 * 32 and [p.shape for p in ours.parameters() if p.requires_grad] == [(4, 32)]
+    with torch.no_grad():
+        _prompts_of(ours).copy_(theirs.prompt_encoder.default.embedding.weight)
+        ours_out, theirs_out = ours(**inputs), theirs(**inputs)
+    assert ours_out.logits.shape == (3, 4 + 10, 100) == theirs_out.logits.shape  # P + T positions, as peft
+    assert (ours_out.logits - theirs_out.logits).abs().max() <= TOLERANCE
+    assert abs(ours_out.loss.item() - theirs_out.loss.item()) <= TOLERANCE
+    ours_out = ours(**inputs)
+    ours_out.loss.backward()  # only the prompts get a gradient
+    assert _prompts_of(ours).grad is not None and _prompts_of(ours).grad.abs().sum() > 0
+
+
+def test_prompt_tuning_on_gpt2_saves_in_peft_format(batch, tmp_path):
+    gpt2 = _tiny_gpt2()
+    ours = copy.deepcopy(gpt2)
+    inject_peft(ours, "prompt_tuning", num_virtual_tokens=4)
+    _perturb(ours)
+    save_adapter(ours, tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(gpt2), tmp_path / "adapter").eval()
+    assert theirs.peft_config["default"].task_type == "CAUSAL_LM"
+    inputs = {"input_ids": batch["input_ids"] % 100}
+    assert (_logits(ours, inputs) - _logits(theirs, inputs)).abs().max() <= TOLERANCE
+
+
+def test_prompt_tuning_on_distilbert_equals_peft(batch):
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.DistilBertConfig(vocab_size=120, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                           max_position_embeddings=64, num_labels=3)  # fmt: skip
+    distilbert = transformers.DistilBertForSequenceClassification(config).eval()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    theirs = peft.get_peft_model(copy.deepcopy(distilbert), peft.PromptTuningConfig(
+        task_type="SEQ_CLS", num_virtual_tokens=5, token_dim=32, num_layers=2, num_attention_heads=4))  # DistilBERT names them apart
+    theirs.eval()
+    _perturb(theirs)
+    ours = copy.deepcopy(distilbert)
+    inject_peft(ours, "prompt_tuning", num_virtual_tokens=5)
+    with torch.no_grad():
+        _prompts_of(ours).copy_(theirs.prompt_encoder.default.embedding.weight)
+        head = theirs.base_model
+        for name in ("pre_classifier", "classifier"):
+            getattr(ours, name).load_state_dict(getattr(head, name).modules_to_save.default.state_dict())
+    assert (_logits(ours, inputs) - _logits(theirs, inputs)).abs().max() <= TOLERANCE

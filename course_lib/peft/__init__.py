@@ -3,7 +3,7 @@
 - `lora`           LoRALinear: W x + (alpha / r) B A x, with merge / unmerge
 - `adapters`       BottleneckAdapter and its placements: Houlsby, Pfeiffer (serial), parallel (He et al.)
 - `prefix_tuning`  PrefixSelfAttention: learned keys/values in front of the real ones (BERT family)
-- `prompt_tuning`  PromptEmbedding: learned virtual tokens in front of the input (BERT family)
+- `prompt_tuning`  PromptEmbedding: learned virtual tokens in front of the input (BERT family, DistilBERT, GPT-2, ...)
 - `bitfit`         train only the biases
 - `ia3`            IA3Linear: learned rescaling vectors
 - `matching`       choosing modules by name pattern

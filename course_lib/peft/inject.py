@@ -8,8 +8,9 @@
 method's `target_modules` (see `course_lib.peft.matching`), replaces each by the method's wrapper
 (LoRALinear, SerialAdapter, IA3Linear...), freezes every other parameter and keeps the task head
 (`trainable_modules`, like peft's `modules_to_save`) trainable. It works on any nn.Module for
-LoRA, adapters, BitFit and (IA)^3 given `target_modules`; prefix and prompt tuning need a
-Hugging Face BERT-family model (BertModel, BertFor*). With `target_modules=None` each method uses
+LoRA, adapters, BitFit and (IA)^3 given `target_modules`; prefix tuning needs a Hugging Face
+BERT-family model (BertModel, RobertaModel, their task models), prompt tuning any Hugging Face
+model that takes `inputs_embeds` (BERT, RoBERTa, DistilBERT, GPT-2, ...). With `target_modules=None` each method uses
 Hugging Face peft's BERT defaults.
 
 Derived in notebooks/part1_foundations/02_peft_zoo.ipynb.
@@ -45,6 +46,7 @@ from course_lib.peft.prompt_tuning import (
     PromptEmbedding,
     PromptTuningConfig,
     looks_like_bert_model,
+    takes_inputs_embeds,
 )
 from course_lib.report import PEFTReport, trainable_parts
 
@@ -279,22 +281,25 @@ def _apply_prefix_tuning(model: nn.Module, config: PrefixTuningConfig) -> tuple[
 
 def _apply_prompt_tuning(model: nn.Module, config: PromptTuningConfig) -> tuple[list[str], list[nn.Parameter]]:
     modules = dict(model.named_modules())
-    berts = [name for name, module in modules.items() if looks_like_bert_model(module)]
-    if not berts:
+    # a BERT-family model: its BERT model (as before, and peft's numerics); otherwise the outermost
+    # model that takes inputs_embeds (a causal LM's labels are then at hand to shift, as peft does)
+    candidates = [name for name, module in modules.items() if looks_like_bert_model(module)]
+    candidates = candidates or [name for name, module in modules.items() if takes_inputs_embeds(module)]
+    if not candidates:
         raise ValueError(
-            f"prompt tuning needs a BERT-family model (BertModel, BertFor*): {type(model).__name__} has no module "
-            "with .embeddings.word_embeddings and .encoder"
+            f"prompt tuning needs a Hugging Face model that takes inputs_embeds and has an input embedding table "
+            f"(BERT, RoBERTa, DistilBERT, GPT-2, ...): {type(model).__name__} has no such module"
         )
-    name = berts[0]  # the outermost one
+    name = candidates[0]  # the outermost one
     if config.target_modules is not None:
         matching = set(matching_module_names(model, config.target_modules))
-        matched = [n for n in berts if n in matching]
+        matched = [n for n in candidates if n in matching]
         if not matched:
-            raise ValueError(f"target_modules={config.target_modules!r} matches no BERT-family model; "
-                             f"candidates: {berts}")
+            raise ValueError(f"target_modules={config.target_modules!r} matches no model prompts can be put on; "
+                             f"candidates: {candidates}")
         name = matched[0]
     bert = modules[name]
-    word_embeddings = bert.embeddings.word_embeddings
+    word_embeddings = bert.get_input_embeddings() if takes_inputs_embeds(bert) else bert.embeddings.word_embeddings
     prompts = PromptEmbedding(
         config.num_virtual_tokens, word_embeddings.embedding_dim, word_embeddings=word_embeddings, init=config.init
     )
@@ -349,7 +354,8 @@ def inject_peft(
     """Apply a PEFT method to `model` in place and report what changed.
 
     Args:
-        model: any nn.Module (prefix/prompt tuning: a Hugging Face BERT-family model).
+        model: any nn.Module (prefix tuning: a Hugging Face BERT-family model; prompt tuning: a
+            Hugging Face model that takes inputs_embeds).
         method: a name in `METHODS` ("lora", "adapter", "prefix_tuning", "prompt_tuning",
             "bitfit", "ia3"; also "houlsby", "pfeiffer", "parallel_adapter") with the method's
             options as keywords (`r=8`, `target_modules=...`; peft's `lora_alpha`, `lora_dropout`
