@@ -27,7 +27,11 @@ import torch
 from torch import nn
 
 from course_lib.meft.model import MEFTConfig, MEFTVariant, meft
-from course_lib.peft.saving import copy_trained_state, trained_state_problems
+from course_lib.peft.saving import (
+    copy_trained_state,
+    read_versioned_folder,
+    trained_state_problems,
+)
 from course_lib.report import PEFTReport
 from course_lib.results import write_folder
 
@@ -75,25 +79,12 @@ def save_meft(model: nn.Module, directory: str | os.PathLike) -> Path:
 def load_meft(base: nn.Module, directory: str | os.PathLike) -> tuple[nn.Module, PEFTReport]:
     """Rebuild MEFT from `base` (the base model it was trained from) with the saved config and load
     the trained tensors: (model, report). FileNotFoundError / ValueError say what is wrong."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (directory / name).is_file()]
     if missing:
         raise FileNotFoundError(f"load_meft: {directory} lacks {missing}; save_meft writes {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        payload = json.loads((directory / CONFIG_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"load_meft: {directory / CONFIG_NAME} is not valid JSON ({error})") from None
-    if payload.get("format") != _FORMAT or payload.get("format_version") != _VERSION:
-        raise ValueError(f"load_meft: {directory} holds format {payload.get('format')!r} version "
-                         f"{payload.get('format_version')!r}, not {_FORMAT!r} version {_VERSION}")  # fmt: skip
+    payload, tensors = read_versioned_folder(directory, CONFIG_NAME, WEIGHTS_NAME, _FORMAT, _VERSION, "load_meft")
     config = meft_config_from_dict(payload["config"])
-    try:
-        tensors = load_file(str(directory / WEIGHTS_NAME))
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"load_meft: {directory / WEIGHTS_NAME} cannot be read ({error})") from None
     model, report = meft(base, config)
     problems = trained_state_problems(model, tensors)
     if problems:

@@ -267,26 +267,37 @@ def _undo_injection(model: nn.Module, flags: dict[str, bool]) -> None:
         parameter.requires_grad_(flags.get(name, parameter.requires_grad))
 
 
-def _load_own_format(model: nn.Module, directory: Path) -> InjectionReport:
+def read_versioned_folder(directory: Path, config_name: str, weights_name: str, fmt: str, version: int,
+                          who: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:  # fmt: skip
+    """Read a folder written as `config_name` (JSON with "format" and "format_version") beside
+    `weights_name` (safetensors): (the JSON payload, the tensors). Each way the folder can be
+    wrong is a ValueError that names the file and what was expected; `who` starts each message.
+    Used by `load_adapter`'s own format and by `course_lib.meft.load_meft`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        payload = json.loads((directory / config_name).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{who}: {directory / config_name} is not valid JSON ({error})") from None
+    if payload.get("format") != fmt or payload.get("format_version") != version:
+        raise ValueError(f"{who}: {directory} holds format {payload.get('format')!r} version "
+                         f"{payload.get('format_version')!r}, not {fmt!r} version {version}")  # fmt: skip
+    try:
+        tensors = load_file(str(directory / weights_name))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{who}: {directory / weights_name} cannot be read ({error})") from None
+    return payload, tensors
+
+
+def _load_own_format(model: nn.Module, directory: Path) -> InjectionReport:
     from course_lib.peft.inject import METHODS
 
-    try:
-        payload = json.loads((directory / OWN_CONFIG_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"load_adapter: {directory / OWN_CONFIG_NAME} is not valid JSON ({error})") from None
-    if payload.get("format") != _OWN_FORMAT or payload.get("format_version") != _OWN_VERSION:
-        raise ValueError(f"load_adapter: {directory} holds format {payload.get('format')!r} version "
-                         f"{payload.get('format_version')!r}, not {_OWN_FORMAT!r} version {_OWN_VERSION}")  # fmt: skip
+    payload, tensors = read_versioned_folder(directory, OWN_CONFIG_NAME, OWN_WEIGHTS_NAME, _OWN_FORMAT, _OWN_VERSION,
+                                             "load_adapter")  # fmt: skip
     method = payload.get("method")
     if method not in METHODS:
         raise ValueError(f"load_adapter: unknown method {method!r} in {directory}; known: {sorted(METHODS)}")
-    try:
-        tensors = load_file(str(directory / OWN_WEIGHTS_NAME))
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"load_adapter: {directory / OWN_WEIGHTS_NAME} cannot be read ({error})") from None
     config = METHODS[method](**payload["config"])
     flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
     report = inject_peft(model, config, trainable_modules=payload.get("trainable_modules") or None)
