@@ -171,7 +171,10 @@ def train(
     on `eval_loader` after each epoch. With `results_path`, the history is written there as
     JSON (atomically) at the end. Call `set_seed` before building the model as well if its
     initialisation should be reproducible: `train` seeds again at its start, which fixes
-    dropout and the shuffling of loaders without their own generator.
+    dropout and the shuffling of loaders without their own generator. A loader with its own
+    generator (`make_loader(..., seed=)`) goes on from where its last iteration left it: build one
+    per run when runs must not depend on what trained before them (a resumed notebook, a method
+    comparison), as notebooks 02, 22, 23 and 32 do.
 
     Derived in notebooks/part1_foundations/02_peft_zoo.ipynb.
     """
