@@ -30,9 +30,9 @@ TINY_RECIPE = PointRecipe(train_per_class=2, test_per_class=1, head_epochs=1, nu
 
 @pytest.fixture(scope="module")
 def model_config() -> PointMAEConfig:
-    from course_lib.point_peft.experiments import _model_config
+    from course_lib.point_peft.experiments import recipe_model_config
 
-    return _model_config(TINY_RECIPE, 15)
+    return recipe_model_config(TINY_RECIPE, 15)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +103,16 @@ def test_run_setting_end_to_end_and_summary():
     assert table["acc_mean"] == pytest.approx(statistics.mean([0.2, 0.4, 0.9]))
     assert table["acc_std"] == pytest.approx(statistics.stdev([0.2, 0.4, 0.9]))
     assert table["seeds"] == [0, 1, 2]
+
+
+def test_a_reversible_setting_runs_end_to_end_and_saves_less_than_lora():
+    reversible = run_setting(SettingRun("meft", 0, TINY_RECIPE))
+    lora = run_setting(SettingRun("lora", 0, TINY_RECIPE))
+    assert 0.0 <= reversible["acc"] <= 1.0 and len(reversible["train_loss"]) == 2
+    assert 0 < reversible["activation_mib"] < lora["activation_mib"]
+    assert reversible["trainable_pct"] < 5.0  # adapters, CLS token, final norm and head
+    with pytest.raises(ValueError, match="unknown setting 'meft1'"):
+        SettingRun("meft1")  # the variant goes in SettingRun.meft
 
 
 def test_precomputed_queries_give_the_same_logits_as_the_query_encoder(model_config, bank_set):

@@ -7,6 +7,7 @@
 - `rounding`      pack_parity, round_with_parity: one bit per element that makes the rebuilt
                   float32 layer inputs exact (float64 streams)
 - `model`         meft_from_hf(model, "meft1" | "meft2" | "meft3"): MEFT on any Hugging Face BERT
+- `point`         meft_from_point_mae(encoder, "meft3"): MEFT on the point transformer (Point-MAE)
 - `methods`       build_method(name, pretrained): full FT, LoRA, adapter, LoRA + checkpointing, MEFT
 - `memory_costs`  fit_activation_costs: saved bytes as a formula in batch, length and depth
 - `gradient_check` reversible_and_plain_gradients, gradient_errors: custom backward vs autograd
@@ -44,6 +45,11 @@ from course_lib.meft.model import (
     meft,
     meft_from_hf,
 )
+from course_lib.meft.point import (
+    MEFTForPointClassification,
+    PositionedBlock,
+    meft_from_point_mae,
+)
 from course_lib.meft.reversible import (
     ReversibleStackFunction,
     reversible_stack,
@@ -62,8 +68,10 @@ __all__ = [
     "BlockWithAdapter",
     "MEFTConfig",
     "MEFTEncoder",
+    "MEFTForPointClassification",
     "MEFTForSequenceClassification",
     "MEFTVariant",
+    "PositionedBlock",
     "ReversibleCoupling",
     "ReversibleStackFunction",
     "build_method",
@@ -75,6 +83,7 @@ __all__ = [
     "measure_saved_bytes",
     "meft",
     "meft_from_hf",
+    "meft_from_point_mae",
     "pack_parity",
     "reversible_and_plain_gradients",
     "reversible_stack",

@@ -9,7 +9,7 @@ backward alone (reconstruction by the inverse, recomputation, dropout replay).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -19,13 +19,19 @@ __all__ = ["gradient_errors", "reversible_and_plain_gradients"]
 
 
 def reversible_and_plain_gradients(
-    model: nn.Module, batch: Mapping[str, Any], *, seed: int = 0
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    *,
+    seed: int = 0,
+    loss_fn: Callable[[nn.Module, Mapping[str, Any]], torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Parameter gradients of one `model(**batch).loss.backward()` through the custom backward and
     through plain autograd: (reversible, plain), each {name: grad} over the trainable parameters.
 
-    `model` has a `reversible` switch (`meft_from_hf`); the generator is seeded with `seed` before
-    each pass, so both see the same dropout masks. The switch is restored afterwards.
+    `model` has a `reversible` switch (`meft_from_hf`, `meft_from_point_mae`); the generator is
+    seeded with `seed` before each pass, so both see the same dropout masks. The switch is
+    restored afterwards. `loss_fn(model, batch)` replaces `model(**batch).loss` (a model that
+    returns logits, as the point classifier does).
 
     Derived in notebooks/part4_meft/31_reversible_layers.ipynb.
     """
@@ -38,7 +44,8 @@ def reversible_and_plain_gradients(
             model.reversible = reversible
             model.zero_grad(set_to_none=True)
             torch.manual_seed(seed)
-            model(**batch).loss.backward()
+            loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
+            loss.backward()
             gradients[reversible] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     finally:
         model.reversible = was_reversible

@@ -96,6 +96,20 @@ MEFT_VARIANTS: dict[str, MEFTVariant] = {
 _PARTS = ("layer", "attention", "mlp")
 
 
+def resolve_variant(variant: str | MEFTVariant) -> MEFTVariant:
+    """A `MEFTVariant` from its name ("meft1", "meft2", "meft3", any case) or as given.
+
+    Derived in notebooks/part4_meft/32_meft.ipynb.
+    """
+    if isinstance(variant, str):
+        if variant.lower() not in MEFT_VARIANTS:
+            raise ValueError(f"unknown MEFT variant {variant!r}; choose one of {list(MEFT_VARIANTS)} or pass a MEFTVariant")
+        variant = MEFT_VARIANTS[variant.lower()]
+    if not isinstance(variant, MEFTVariant):
+        raise TypeError(f"variant must be a name or a MEFTVariant, got {type(variant).__name__}")
+    return variant
+
+
 def make_meft_adapter(dim: int, bottleneck: int = 8, std: float = 0.02) -> BottleneckAdapter:
     """A dim -> bottleneck -> dim ReLU adapter with all weights N(0, std) and zero biases (MEFT's init).
 
@@ -168,7 +182,69 @@ def _padding_mask(attention_mask: torch.Tensor | None, input_shape: tuple[int, i
     return None if bool(keep.all()) else keep[:, None, None, :]
 
 
-class MEFTEncoder(nn.Module):
+class ReversibleStack(nn.Module):
+    """What every MEFT model shares: `couplings` run on two streams that both start as one input.
+
+    `reversible` (attribute, default True): the lower `num_reversible_layers` couplings run
+    through `reversible_stack` (activations not kept); the rest, and all of them when
+    `reversible=False`, through plain autograd. `stream_dtype`: the streams' dtype (float64 for
+    an exact inverse, module docstring); `exact_inputs`: keep the parity bits that make the
+    recomputed layer inputs exact (`reversible_stack`).
+
+    Derived in notebooks/part4_meft/32_meft.ipynb.
+    """
+
+    def __init__(
+        self,
+        couplings: nn.ModuleList,
+        num_reversible_layers: int | None = None,
+        reversible: bool = True,
+        stream_dtype: torch.dtype | None = None,
+        exact_inputs: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(couplings) == 0:
+            raise ValueError(f"{type(self).__name__} needs at least one coupling")
+        self.couplings = couplings
+        self.stream_dtype = stream_dtype
+        self.exact_inputs = exact_inputs
+        self.reversible = reversible
+        self.num_reversible_layers = num_reversible_layers
+
+    @property
+    def num_reversible_layers(self) -> int:
+        return self._num_reversible_layers
+
+    @num_reversible_layers.setter
+    def num_reversible_layers(self, value: int | None) -> None:
+        count = len(self.couplings)
+        value = count if value is None else value
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= count:
+            raise ValueError(f"num_reversible_layers must be an int in [0, {count}] (or None for all), got {value!r}")
+        self._num_reversible_layers = value
+
+    def run_stack(
+        self, h: torch.Tensor, context: torch.Tensor | None, *, overwrite_outputs: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both streams start as h (B, T, C); the two output streams of the last coupling.
+
+        `context` goes to every F and G (a padding mask, or positions); `overwrite_outputs`: the
+        custom backward may rebuild the top layer's inputs in the output streams' buffers
+        (`reversible_stack`), only for callers that drop the streams.
+        """
+        if self.stream_dtype is not None and h.dtype != self.stream_dtype:
+            h = h.to(self.stream_dtype)  # streams in float64: an exact inverse (module docstring)
+        x1, x2 = h, h
+        n = self.num_reversible_layers if self.reversible else 0
+        if n > 0:
+            x1, x2 = reversible_stack(self.couplings[:n], x1, x2, context, exact_inputs=self.exact_inputs,
+                                      overwrite_outputs=overwrite_outputs)  # fmt: skip
+        if n < len(self.couplings):
+            x1, x2 = run_couplings(self.couplings[n:], x1, x2, context)
+        return x1, x2
+
+
+class MEFTEncoder(ReversibleStack):
     """Embeddings, then a stack of reversible couplings on (h, h); returns (x1 + x2) / 2, (B, T, C).
 
     `reversible` (attribute, default True): the lower `num_reversible_layers` couplings run
@@ -188,27 +264,8 @@ class MEFTEncoder(nn.Module):
         stream_dtype: torch.dtype | None = None,
         exact_inputs: bool = True,
     ) -> None:
-        super().__init__()
-        self.stream_dtype = stream_dtype
-        self.exact_inputs = exact_inputs
-        if len(couplings) == 0:
-            raise ValueError("MEFTEncoder needs at least one coupling")
+        super().__init__(couplings, num_reversible_layers, reversible, stream_dtype, exact_inputs)
         self.embeddings = embeddings
-        self.couplings = couplings
-        self.reversible = reversible
-        self.num_reversible_layers = num_reversible_layers
-
-    @property
-    def num_reversible_layers(self) -> int:
-        return self._num_reversible_layers
-
-    @num_reversible_layers.setter
-    def num_reversible_layers(self, value: int | None) -> None:
-        count = len(self.couplings)
-        value = count if value is None else value
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= count:
-            raise ValueError(f"num_reversible_layers must be an int in [0, {count}] (or None for all), got {value!r}")
-        self._num_reversible_layers = value
 
     def streams(
         self,
@@ -229,16 +286,7 @@ class MEFTEncoder(nn.Module):
             raise ValueError(f"input_ids must be (B, T) token ids, got shape {tuple(input_ids.shape)}")
         h = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds)  # (B, T, C)
         mask = _padding_mask(attention_mask, tuple(h.shape[:2]))
-        if self.stream_dtype is not None:
-            h = h.to(self.stream_dtype)  # streams in float64: an exact inverse (module docstring)
-        x1, x2 = h, h  # both streams start as the embedding output
-        n = self.num_reversible_layers if self.reversible else 0
-        if n > 0:
-            x1, x2 = reversible_stack(self.couplings[:n], x1, x2, mask, exact_inputs=self.exact_inputs,
-                                      overwrite_outputs=overwrite_outputs)  # fmt: skip
-        if n < len(self.couplings):
-            x1, x2 = run_couplings(self.couplings[n:], x1, x2, mask)
-        return x1, x2
+        return self.run_stack(h, mask, overwrite_outputs=overwrite_outputs)  # both streams start as h
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None) -> torch.Tensor:
         """(B, T) token ids -> (B, T, C): the average of the two streams."""
@@ -419,15 +467,20 @@ class MEFTConfig:
 
 
 def meft(model: nn.Module, config: MEFTConfig | None = None) -> tuple[nn.Module, PEFTReport]:
-    """MEFT from a Hugging Face BERT-family model: (the new reversible model, its report).
+    """MEFT from a Hugging Face BERT-family or GPT-2 model (`meft_from_hf`) or a Point-MAE encoder
+    (`meft_from_point_mae`): (the new reversible model, its report).
 
     Not in place: the model passed in is left unchanged and `report.in_place` is False (MEFT
     rebuilds every layer as a reversible coupling). The new model keeps `config` as `.meft_config`.
     Derived in notebooks/part4_meft/32_meft.ipynb.
     """
+    from course_lib.meft.point import meft_from_point_mae  # imports this module
+    from course_lib.points.point_mae import PointMAEEncoder
+
     config = config or MEFTConfig()
     options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "variant"}
-    result = meft_from_hf(model, config.variant, **options)
+    build = meft_from_point_mae if isinstance(model, PointMAEEncoder) else meft_from_hf
+    result = build(model, config.variant, **options)
     result.meft_config = config
     counts = count_parameters(result)
     variant = config.variant if isinstance(config.variant, str) else config.variant.name
@@ -440,7 +493,7 @@ def meft(model: nn.Module, config: MEFTConfig | None = None) -> tuple[nn.Module,
 
 
 def _meft_part(name: str) -> str:
-    if ".adapter." in name or name.split(".")[-2].startswith("adapter"):
+    if ".adapter." in name or (name.count(".") >= 1 and name.split(".")[-2].startswith("adapter")):
         return "adapters"
     if "classifier" in name:
         return "classifier"
@@ -483,12 +536,7 @@ def meft_from_hf(
 
     Derived in notebooks/part4_meft/32_meft.ipynb.
     """
-    if isinstance(variant, str):
-        if variant.lower() not in MEFT_VARIANTS:
-            raise ValueError(f"unknown MEFT variant {variant!r}; choose one of {list(MEFT_VARIANTS)} or pass a MEFTVariant")
-        variant = MEFT_VARIANTS[variant.lower()]
-    if not isinstance(variant, MEFTVariant):
-        raise TypeError(f"variant must be a name or a MEFTVariant, got {type(variant).__name__}")
+    variant = resolve_variant(variant)
     if adapter_bottleneck < 1:
         raise ValueError(f"adapter_bottleneck must be a positive int, got {adapter_bottleneck}")
     if not isinstance(batch_chunks, int) or isinstance(batch_chunks, bool) or batch_chunks < 1:

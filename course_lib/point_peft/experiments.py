@@ -31,6 +31,7 @@ every result is the same as in one process.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import multiprocessing
@@ -48,7 +49,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from course_lib import config
-from course_lib.meters import count_parameters, measure_activation_memory
+from course_lib.meft import MEFTConfig, meft
+from course_lib.meters import (
+    count_parameters,
+    measure_activation_memory,
+    measure_peak_memory,
+)
 from course_lib.peft import inject_peft
 from course_lib.point_peft.memory_bank import build_memory_bank
 from course_lib.point_peft.model import PointPEFTConfig, PointPEFTModel
@@ -69,6 +75,7 @@ from course_lib.run_cache import RunCache, code_version, file_version
 from course_lib.train import evaluate, recalibrate_batch_norm, set_seed, train
 
 __all__ = [
+    "REVERSIBLE_SETTINGS",
     "SETTINGS",
     "TINY_HEAD_HIDDEN_DIM",
     "TINY_POINT_PEFT_OVERRIDES",
@@ -77,6 +84,8 @@ __all__ = [
     "build_setting",
     "clean_augmentation",
     "fit_head_on_features",
+    "recipe_model_config",
+    "results_recipe",
     "run_setting",
     "run_settings",
     "scan_augmentation",
@@ -87,6 +96,10 @@ __all__ = [
 
 #: The settings of notebook 16, from no pretraining to Point-PEFT.
 SETTINGS = ("from_scratch", "linear_probe", "full_finetune", "lora", "prompt_only", "adapter_only", "point_peft")
+
+#: MEFT on the point transformer (`course_lib.meft.point`): reversible blocks with adapters, trained
+#: like the PEFT settings (notebook 33, benchmarks/point_reversible.py); `SettingRun.meft` says which.
+REVERSIBLE_SETTINGS = ("meft",)
 
 #: Hidden width of the classification head for the tiny backbone (Point-MAE: 256 at C = 384).
 TINY_HEAD_HIDDEN_DIM = 48
@@ -165,6 +178,9 @@ class PointRecipe:
             before testing (`recalibrate_batch_norm`).
         running_stats_accuracy: with precise BN, also test before it, with the running
             statistics training left ("acc_running_bn_stats"): one more pass over the test set.
+        peak_memory: also measure the peak of live allocated bytes of one training step
+            (forward, backward, AdamW with its state) at `activation_batch` shapes, after the
+            test, on a copy of the trained model (`course_lib.meters.measure_peak_memory`).
 
     Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
     """
@@ -187,6 +203,7 @@ class PointRecipe:
     precise_batch_norm: bool = True
     activation_batch: int = 32
     running_stats_accuracy: bool = True
+    peak_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.variant not in SHAPE_VARIANTS:
@@ -201,10 +218,40 @@ class PointRecipe:
         return dataclasses.asdict(self)
 
 
+def results_recipe(variant: str = "pb_t50_rs") -> PointRecipe:
+    """Notebook 16's recipe for `variant` (PB_T50_RS: 24 training scans per class, all test scans,
+    30 epochs of head fit on frozen features, then 4 epochs of the setting; the clean set: 1), as
+    the notebook, the reversible notebook 33 and benchmarks/point_reversible.py use it; with
+    COURSE_FAST=1 the tiny version of `make test`.
+
+    Full fine-tuning and training from scratch at lr 1e-3 (notebook 13), the PEFT settings at
+    3e-3 (few parameters, larger steps); the accuracy before precise BN is not measured.
+
+    Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
+    """
+    recipe = PointRecipe(
+        variant="pb_t50_rs",
+        train_per_class=config.fast_or_full(2, 24),
+        test_per_class=config.fast_or_full(1, None),
+        batch_size=config.fast_or_full(8, 32),
+        head_fit_epochs=config.fast_or_full(2, 30),
+        head_epochs=0,
+        num_epochs=config.fast_or_full(1, 4),
+        lr=1e-3,
+        peft_lr=3e-3,
+        activation_batch=config.fast_or_full(8, 32),
+        running_stats_accuracy=False,
+    )
+    if variant == "pb_t50_rs":
+        return recipe
+    return dataclasses.replace(recipe, variant=variant, num_epochs=1)  # the clean set is easy (notebook 13)
+
+
 @dataclass(frozen=True)
 class SettingRun:
-    """One run: a setting of `SETTINGS`, a seed, a recipe, and Point-PEFT options for the
-    prompt/adapter settings (`tiny_point_peft_config()` when None). `label` names the run in
+    """One run: a setting of `SETTINGS` (or `REVERSIBLE_SETTINGS`), a seed, a recipe, and Point-PEFT options for the
+    prompt/adapter settings (`tiny_point_peft_config()` when None), MEFT's for "meft"
+    (`MEFTConfig("meft1")` when None). `label` names the run in
     tables (default: the setting).
 
     Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
@@ -215,10 +262,11 @@ class SettingRun:
     recipe: PointRecipe = field(default_factory=PointRecipe)
     point_peft: PointPEFTConfig | None = None
     label: str | None = None
+    meft: MEFTConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.setting not in SETTINGS:
-            raise ValueError(f"unknown setting {self.setting!r}; choose one of {list(SETTINGS)}")
+        if self.setting not in SETTINGS + REVERSIBLE_SETTINGS:
+            raise ValueError(f"unknown setting {self.setting!r}; choose one of {list(SETTINGS + REVERSIBLE_SETTINGS)}")
 
     @property
     def name(self) -> str:
@@ -251,8 +299,11 @@ def _is_new_part(name: str) -> bool:
     return name.removeprefix("encoder.").startswith(NEW_PARTS)
 
 
-def _model_config(recipe: PointRecipe, num_classes: int) -> PointMAEConfig:
-    """The checkpoint's encoder sizes with the recipe's head."""
+def recipe_model_config(recipe: PointRecipe, num_classes: int) -> PointMAEConfig:
+    """The checkpoint's encoder sizes with the recipe's head (what `build_setting` takes).
+
+    Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
+    """
     base = load_pretrained_point_mae(progress=False).config
     return dataclasses.replace(
         base, num_classes=num_classes, head_hidden_dim=recipe.head_hidden_dim, head_dropout=recipe.head_dropout
@@ -285,6 +336,10 @@ def build_setting(
         probe = model_config.dim * model_config.num_classes + model_config.num_classes
         total = count_parameters(model).total - head + probe
         info.update(trainable=probe, total=total)
+    elif run.setting in REVERSIBLE_SETTINGS:
+        model, _ = meft(model, run.meft or MEFTConfig("meft1"))  # adapters, CLS token, final norm, head train
+        report = count_parameters(model)
+        info.update(trainable=report.trainable, total=report.total)
     elif run.setting == "lora":
         rank = run.recipe.lora_rank
         inject_peft(model, "lora", r=rank, alpha=2.0 * rank, target_modules=LORA_TARGETS, trainable_modules=None)
@@ -438,6 +493,8 @@ def _fine_tune(model: nn.Module, run: SettingRun, info: dict[str, Any], train_se
         measured["acc"] = evaluate(model, test_loader, _classification_loss)["accuracy"]
     else:
         measured["acc"] = measured["acc_running_bn_stats"]  # nothing recomputed: one test pass
+    if recipe.peak_memory:
+        measured.update(_step_peak_memory(model, batch))
     setting_history = histories[-1]
     return {
         **measured,
@@ -450,12 +507,29 @@ def _fine_tune(model: nn.Module, run: SettingRun, info: dict[str, Any], train_se
     }
 
 
+def _step_peak_memory(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    """Peak of live allocated bytes of one steady-state training step, on a copy of `model`."""
+    model = copy.deepcopy(model).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        _classification_loss(model, batch)[0].backward()
+        optimizer.step()
+
+    step()  # AdamW's state exists from now on
+    report = measure_peak_memory(step)
+    return {"peak_allocated_mib": report.peak_mib, "peak_minus_weights_mib": report.peak_minus_weights_mib,
+            "peak_by_category_mib": {name: value / 2**20 for name, value in report.by_category.items()}}  # fmt: skip
+
+
 def run_setting(run: SettingRun) -> dict[str, Any]:
     """Build, fine-tune and test one run; a JSON-ready row (accuracy in [0, 1]).
 
     Keys: setting, label, seed, variant, acc, trainable, total, trainable_pct, sec_per_epoch,
     activation_mib (one training step at `recipe.activation_batch` shapes, parameters excluded;
-    0 for the probe), train_loss (per epoch), seconds (the whole run); acc_running_bn_stats (the
+    0 for the probe), peak_allocated_mib / peak_minus_weights_mib / peak_by_category_mib (with
+    `recipe.peak_memory`), train_loss (per epoch), seconds (the whole run); acc_running_bn_stats (the
     accuracy before precise BN) when the recipe asks for it.
 
     Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
@@ -468,7 +542,7 @@ def run_setting(run: SettingRun) -> dict[str, Any]:
     augmentation = scan_augmentation if recipe.variant != "clean" else clean_augmentation
     train_set = load_shapes(recipe.variant, "train", num_points=recipe.num_points,
                             max_per_class=recipe.train_per_class, transform=augmentation)  # fmt: skip
-    model_config = _model_config(recipe, test_set.num_classes)
+    model_config = recipe_model_config(recipe, test_set.num_classes)
     model, info = build_setting(run, model_config, bank_train_set=plain_train_set)
     if run.setting == "linear_probe":
         measured = _linear_probe(model, plain_train_set, test_set)
@@ -486,6 +560,7 @@ def run_setting(run: SettingRun) -> dict[str, Any]:
         "point_peft": (run.point_peft or tiny_point_peft_config()).to_dict()
         if run.setting in ("prompt_only", "adapter_only", "point_peft")
         else None,
+        "meft": (run.meft or MEFTConfig("meft1")).to_dict() if run.setting in REVERSIBLE_SETTINGS else None,
         "seconds": time.perf_counter() - start,
     }
 
@@ -497,6 +572,7 @@ def setting_run_key(run: SettingRun) -> dict[str, Any]:
 
     Derived in notebooks/part2_point_peft/16_point_peft_results.ipynb.
     """
+    import course_lib.meft
     import course_lib.meters
     import course_lib.peft
     import course_lib.point_peft
@@ -504,6 +580,9 @@ def setting_run_key(run: SettingRun) -> dict[str, Any]:
     import course_lib.train
 
     point_peft = run.point_peft or tiny_point_peft_config()
+    modules = [course_lib.point_peft, course_lib.points, course_lib.train, course_lib.peft, course_lib.meters]
+    if run.setting in REVERSIBLE_SETTINGS:
+        modules.append(course_lib.meft)
     return {
         "run": {
             "setting": run.setting,
@@ -511,11 +590,11 @@ def setting_run_key(run: SettingRun) -> dict[str, Any]:
             "label": run.name,
             "recipe": run.recipe.to_dict(),
             "point_peft": point_peft.to_dict() if run.setting in ("prompt_only", "adapter_only", "point_peft") else None,
+            "meft": (run.meft or MEFTConfig("meft1")).to_dict() if run.setting in REVERSIBLE_SETTINGS else None,
         },
         "data": file_version(shapes_path(run.recipe.variant)),
         "checkpoint": file_version(default_checkpoint_path()),
-        "code": code_version(course_lib.point_peft, course_lib.points, course_lib.train, course_lib.peft,
-                             course_lib.meters),  # fmt: skip
+        "code": code_version(*modules),
         "fast": config.is_fast(),
     }
 

@@ -42,6 +42,7 @@ What later parts rely on:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -209,11 +210,19 @@ class PatchEmbedding(nn.Module):
     point 0 as Point-MAE's CUDA kernel does, so the result is deterministic); `forward(points)`
     gives tokens (B, G, C) and centres (B, G, 3).
 
+    `batch_chunks` (attribute, default 1): group and embed that many pieces of the batch one
+    after another. With frozen weights (a PEFT setting) nothing is kept for backward, and the
+    peak of the step falls by about that factor: the mini-PointNet's per-point tensors (B*G*k, 128)
+    are the largest of the whole model. In training mode the BatchNorms then normalise each piece
+    with its own statistics ("ghost batch norm", Hoffer et al. 2017), so the tokens differ
+    slightly from one whole batch's; in eval mode they are the same.
+
     Derived in notebooks/part2_point_peft/12_point_mae.ipynb.
     """
 
     def __init__(self, config: PointMAEConfig) -> None:
         super().__init__()
+        self.batch_chunks = 1
         self.num_groups = config.num_groups
         self.group_size = config.group_size
         self.pointnet = MiniPointNet(
@@ -232,6 +241,17 @@ class PatchEmbedding(nn.Module):
 
     def forward(self, points: Tensor) -> tuple[Tensor, Tensor]:
         """(B, N, 3) -> tokens (B, G, C), centres (B, G, 3)."""
+        chunks = getattr(self, "batch_chunks", 1)  # modules pickled before the attribute existed: 1
+        if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+            raise ValueError(f"PatchEmbedding.batch_chunks must be an int >= 1, got {chunks!r}")
+        count = min(chunks, points.shape[0]) if isinstance(points, Tensor) and points.dim() == 3 else 1
+        if count > 1:  # one piece of the batch after another (a ghost batch for the BatchNorms)
+            edges = [round(i * points.shape[0] / count) for i in range(count + 1)]
+            pieces = [self._embed(points[a:b]) for a, b in itertools.pairwise(edges)]
+            return torch.cat([t for t, _ in pieces]), torch.cat([c for _, c in pieces])
+        return self._embed(points)
+
+    def _embed(self, points: Tensor) -> tuple[Tensor, Tensor]:
         groups = self.group(points)
         return self.pointnet(groups.neighbourhoods), groups.centres
 
