@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: help setup browser test unit nbval book check-site lab bench data lock clean
+.PHONY: help setup browser test unit nbval book check-site lab bench data lock clean train-distributed
 
 help:
 	@echo "make book   execute the course on the embedded defaults and build the site (_build/html)"
@@ -14,6 +14,7 @@ help:
 	@echo "make check-site  open every page of the built site in headless Chromium and report what a reader sees"
 	@echo "make lab    open JupyterLab on the course"
 	@echo "make bench  run the benchmarks (results/bench/*.json)"
+	@echo "make train-distributed  LoRA on the text task on NPROC processes with torchrun (default 2, gloo on the CPU)"
 	@echo "make data   generate the embedded data sets"
 	@echo "make lock   regenerate requirements.lock from requirements.in"
 	@echo "make clean  remove build output and caches (keeps .venv)"
@@ -57,6 +58,10 @@ lab: $(STAMP) data
 
 bench: $(STAMP) data
 	$(PY) -m benchmarks.run_all
+
+NPROC ?= 2
+train-distributed: $(STAMP)
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) scripts/train_distributed.py
 
 lock:
 	rm -rf .lock-venv

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from course_lib import config
@@ -37,6 +39,12 @@ from course_lib.batches import (  # re-exported: earlier home
     call_model,
     move_to_device,
     split_batch,
+)
+from course_lib.distributed import (
+    rank_and_world,
+    shard_evaluation_loader,
+    shard_training_loader,
+    sum_over_ranks,
 )
 from course_lib.results import write_json
 
@@ -122,10 +130,17 @@ def evaluate(
 ) -> dict[str, float]:
     """Accuracy and mean loss of `model` over `loader`, in eval mode (the mode is restored).
 
+    Under torch.distributed (`course_lib.distributed`) each rank evaluates its slice of a
+    DataLoader's dataset and the sums are added over the ranks: every rank returns the figures
+    of the whole set.
+
     Derived in notebooks/part1_foundations/02_peft_zoo.ipynb.
     """
     loss_fn = loss_fn or default_loss
     device = torch.device(device) if device is not None else _default_device(model)
+    rank, world = rank_and_world()
+    if world > 1 and isinstance(loader, DataLoader):
+        loader = shard_evaluation_loader(loader, rank=rank, world=world)
     was_training = model.training
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
@@ -141,6 +156,9 @@ def evaluate(
             count += n
     finally:
         model.train(was_training)
+    if world > 1 and isinstance(loader, DataLoader):
+        total_loss, correct, count = sum_over_ranks(total_loss, correct, count)
+        correct, count = int(correct), int(count)
     if count == 0:
         raise ValueError("the evaluation loader is empty")
     return {"accuracy": correct / count, "loss": total_loss / count, "num_examples": count}
@@ -176,6 +194,13 @@ def train(
     per run when runs must not depend on what trained before them (a resumed notebook, a method
     comparison), as notebooks 02, 22, 23 and 32 do.
 
+    Under `torchrun` (a torch.distributed process group initialised, `course_lib.distributed`):
+    each rank trains on its shard of `train_loader` (a torch DataLoader; `batch_size` is per
+    rank), the model is wrapped in `DistributedDataParallel` (gradients averaged over the ranks,
+    so all ranks keep the same weights), the step losses are averaged over the ranks, evaluation
+    covers the whole set, and only rank 0 shows progress and writes `results_path`. Every
+    trainable parameter must get a gradient at every step (DDP's rule).
+
     Derived in notebooks/part1_foundations/02_peft_zoo.ipynb.
     """
     if num_epochs < 1:
@@ -191,6 +216,13 @@ def train(
     device = torch.device(device) if device is not None else _default_device(model)
     model.to(device)
     set_seed(seed)
+    rank, world = rank_and_world()
+    forward_model: nn.Module = model  # what the loss function calls: the model, or its DDP wrapper
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_loader = shard_training_loader(train_loader, seed=seed, rank=rank, world=world)  # type: ignore[arg-type]
+        forward_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
     num_steps = steps_per_epoch * num_epochs
@@ -209,20 +241,23 @@ def train(
         num_steps=num_steps,
         config={
             "num_epochs": num_epochs, "lr": lr, "weight_decay": weight_decay, "scheduler": scheduler,
-            "warmup_ratio": warmup_ratio, "max_grad_norm": max_grad_norm, "seed": seed,
+            "warmup_ratio": warmup_ratio, "max_grad_norm": max_grad_norm, "seed": seed, "world_size": world,
         },
     )
     step_seconds: list[float] = []
-    bar = tqdm(total=num_steps, desc="training", disable=not progress, leave=False)
+    bar = tqdm(total=num_steps, desc="training", disable=not progress or rank != 0, leave=False)
     try:
         for epoch in range(num_epochs):
             model.train()
             epoch_start = time.perf_counter()
             losses = []
+            sampler = getattr(train_loader, "sampler", None)
+            if isinstance(sampler, DistributedSampler):
+                sampler.set_epoch(epoch)  # a new shuffle of the shards every epoch
             for batch in train_loader:
                 step_start = time.perf_counter()
                 batch = move_to_device(batch, device)
-                loss, _ = loss_fn(model, batch)
+                loss, _ = loss_fn(forward_model, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if max_grad_norm is not None:
@@ -230,7 +265,8 @@ def train(
                 optimizer.step()
                 lr_schedule.step()
                 step_seconds.append(time.perf_counter() - step_start)
-                losses.append(loss.detach().item())
+                value = loss.detach().item()
+                losses.append(value if world == 1 else sum_over_ranks(value)[0] / world)  # the global batch's mean
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}")
             history.step_losses.extend(losses)
@@ -243,7 +279,7 @@ def train(
     finally:
         bar.close()
     history.seconds_per_step = statistics.median(step_seconds) if step_seconds else float("nan")
-    if results_path is not None:
+    if results_path is not None and rank == 0:
         write_json(results_path, history.to_dict())
     return history
 
