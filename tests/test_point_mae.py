@@ -482,3 +482,31 @@ def test_the_shipped_checkpoint():
         warnings.simplefilter("error")
         encoder = load_pretrained_point_mae()
     assert encoder(clouds(2, num_points=1024)).shape == (2, 15)
+
+
+def test_the_checkpoint_file_is_read_once_while_it_stays_the_same(tmp_path, monkeypatch):
+    import shutil
+
+    from course_lib.points import checkpoint as checkpoint_module
+
+    shipped = checkpoint_module.default_checkpoint_path()
+    if not shipped.exists():
+        pytest.skip("no shipped checkpoint")
+    copy_path = tmp_path / shipped.name
+    shutil.copy(shipped, copy_path)
+    shutil.copy(shipped.parent / "SHA256SUMS", tmp_path / "SHA256SUMS")
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(checkpoint_module.torch, "load", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    first = checkpoint_module.load_pretrained_point_mae(copy_path, progress=False)
+    second = checkpoint_module.load_pretrained_point_mae(copy_path, progress=False)
+    assert len(loads) == 1  # read and hash-checked once
+    fresh = ("head.", "cls_token", "cls_position")  # not in the checkpoint: initialised anew each time
+    pretrained_parts = [n for n in first.state_dict() if not n.startswith(fresh)]
+    assert all(torch.equal(first.state_dict()[n], second.state_dict()[n]) for n in pretrained_parts)
+    payload = checkpoint_module.read_checkpoint(copy_path)
+    payload["encoder"].clear()  # a caller's changes to the returned dicts do not reach the cache
+    assert checkpoint_module.read_checkpoint(copy_path)["encoder"]
+    os.utime(copy_path, ns=(1, 1))  # another modification time: the file is read again
+    checkpoint_module.read_checkpoint(copy_path)
+    assert len(loads) == 2

@@ -167,11 +167,29 @@ def read_checkpoint(
     A file that is missing, unlisted, changed or unreadable raises an error saying what to do.
     `verify=False` skips the hash check (for a checkpoint of your own).
 
+    The file is read (and its hash checked) once per process while it stays the same file (same
+    path, size and modification time): notebook 16's runs build a dozen models from it. The
+    returned dict is a new one each time; its tensors are shared, so treat them as read-only
+    (`load_state_dict` copies them into the model).
+
     Derived in notebooks/part2_point_peft/12_point_mae.ipynb.
     """
     path = Path(path) if path is not None else default_checkpoint_path()
     if not path.is_file():
         raise FileNotFoundError(f"no Point-MAE checkpoint at {path}: create it with `{_REPRODUCE}`")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, sha256, verify)
+    if key not in _READ_CACHE:
+        _READ_CACHE.clear()  # one file at a time: a few MB
+        _READ_CACHE[key] = _read_checkpoint_file(path, sha256, verify)
+    return {name: dict(value) if isinstance(value, dict) else value for name, value in _READ_CACHE[key].items()}
+
+
+#: (path, size, mtime, sha256, verify) -> the payload of the checkpoint file last read
+_READ_CACHE: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+
+def _read_checkpoint_file(path: Path, sha256: str | None, verify: bool) -> dict[str, Any]:
     if verify:
         expected = sha256
         if expected is None:
