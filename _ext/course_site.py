@@ -14,11 +14,18 @@ without outputs and without a word, and the execution-times table left it out si
 page now opens with a notice that says so and what to do, and the page that shows the table
 lists the notebooks it leaves out.
 
+A widget cell (ipywidgets) needs a running kernel to draw anything: on the static site its output
+is an empty placeholder (the widget scripts come from a CDN, which the offline site does not
+load, and the figure is drawn by Python). The placeholder gets a note saying so and where to use
+the widget; the static figure each of the course's widget notebooks draws before its widget
+stays as it is.
+
 Checked in a real browser by `scripts/check_site.py` and `tests/test_browser_site.py`.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 NOT_EXECUTED = (
@@ -26,6 +33,15 @@ NOT_EXECUTED = (
     "<p>The build of this site could not execute this notebook ({reason}), so its code is shown without "
     "outputs. Open it in JupyterLab (<code>make lab</code>) and run it there, or rebuild the site with "
     "<code>make book</code>, which prints the error.</p></div>"
+)
+
+
+WIDGET_VIEW = re.compile(r'<script type="application/vnd\.jupyter\.widget-view\+json">.*?</script>', re.DOTALL)
+WIDGET_NOTE = (
+    '<div class="admonition note course-widget-offline"><p class="admonition-title">Interactive widget</p>'
+    "<p>This widget needs a running Python kernel, so the static site cannot show it. Open the notebook "
+    "in JupyterLab (<code>make lab</code>) to move its controls; the figure drawn before it shows its "
+    "first view.</p></div>"
 )
 
 
@@ -57,6 +73,7 @@ def _offline_page(app: Any, pagename: str, templatename: str, context: dict, doc
         not_executed = _not_executed(app)
         if pagename in not_executed:
             context["body"] = NOT_EXECUTED.format(reason=not_executed[pagename]) + body
+        context["body"] = WIDGET_VIEW.sub(lambda match: match.group(0) + WIDGET_NOTE, context["body"])
         if getattr(app.env, "nb_metadata", {}).get(pagename, {}).get("has_exec_table"):  # myst-nb's nb-exec-table
             listed = "".join(f"<li><code>{name}</code>: {reason}</li>" for name, reason in not_executed.items())
             note = (f"<p>Left out of the table, not executed in this build:</p><ul>{listed}</ul>" if listed

@@ -222,7 +222,8 @@ def train(
         from torch.nn.parallel import DistributedDataParallel
 
         train_loader = shard_training_loader(train_loader, seed=seed, rank=rank, world=world)  # type: ignore[arg-type]
-        forward_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        cuda_index = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else None
+        forward_model = DistributedDataParallel(model, device_ids=None if cuda_index is None else [cuda_index])
 
     steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
     num_steps = steps_per_epoch * num_epochs

@@ -43,6 +43,13 @@ def test_no_script_error_no_outside_request_no_missing_file(browser_report):
     assert check_site.problems(browser_report) == []
 
 
+def test_a_widget_cell_says_where_to_use_it(scratch_site):
+    page = (scratch_site / "table.html").read_text()
+    assert page.count("application/vnd.jupyter.widget-view+json") == 1  # the scratch notebook's slider
+    assert page.count("course-widget-offline") == 1 and "make lab" in page
+    assert "course-widget-offline" not in (scratch_site / "intro.html").read_text()
+
+
 def test_the_checks_can_fail(scratch_site, tmp_path):
     """A page with raw TeX, a script error and an outside request is reported on all three."""
     if check_site.find_chromium() is None:
