@@ -45,8 +45,10 @@ from course_lib.point_peft.experiments import (
     PointRecipe,
     SettingRun,
     build_setting,
+    recipe_model_config,
     results_recipe,
     run_settings,
+    step_peak_memory,
 )
 
 NAME = "point_reversible"
@@ -83,11 +85,6 @@ def table(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def lora_stem_peak(recipe: PointRecipe, chunks: int) -> float:
     """Peak minus weights of one LoRA training step with the frozen patch embedding in `chunks` pieces."""
-    from course_lib.meters import measure_peak_memory
-    from course_lib.point_peft.experiments import (
-        _classification_loss,
-        recipe_model_config,
-    )
     from course_lib.points.datasets import load_shapes
 
     shapes = load_shapes(recipe.variant, "train", num_points=recipe.num_points, max_per_class=recipe.train_per_class)
@@ -95,15 +92,7 @@ def lora_stem_peak(recipe: PointRecipe, chunks: int) -> float:
     model.patch_embedding.batch_chunks = chunks
     batch = {"points": torch.stack([shapes[i][0] for i in range(recipe.activation_batch)]),
              "labels": torch.tensor([shapes[i][1] for i in range(recipe.activation_batch)])}  # fmt: skip
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        _classification_loss(model.train(), batch)[0].backward()
-        optimizer.step()
-
-    step()
-    return measure_peak_memory(step).peak_minus_weights_mib
+    return step_peak_memory(model, batch)["peak_minus_weights_mib"]
 
 
 def main() -> None:

@@ -104,6 +104,7 @@ __all__ = [
     "run_settings",
     "scan_augmentation",
     "setting_run_key",
+    "step_peak_memory",
     "summarize",
     "tiny_point_peft_config",
 ]
@@ -329,7 +330,7 @@ def _fine_tune(model: nn.Module, run: SettingRun, info: dict[str, Any], train_se
     else:
         measured["acc"] = measured["acc_running_bn_stats"]  # nothing recomputed: one test pass
     if recipe.peak_memory:
-        measured.update(_step_peak_memory(model, batch))
+        measured.update(step_peak_memory(model, batch))
     setting_history = histories[-1]
     return {
         **measured,
@@ -342,8 +343,13 @@ def _fine_tune(model: nn.Module, run: SettingRun, info: dict[str, Any], train_se
     }
 
 
-def _step_peak_memory(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
-    """Peak of live allocated bytes of one steady-state training step, on a copy of `model`."""
+def step_peak_memory(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    """Peak of live allocated bytes of one steady-state training step (forward, backward, AdamW
+    with its state) on `batch` ({"points", "labels"}, plus "indices" for Point-PEFT), measured on a
+    copy of `model`: {"peak_allocated_mib", "peak_minus_weights_mib", "peak_by_category_mib"}.
+
+    Derived in notebooks/part4_meft/33_reversible_point_transformer.ipynb.
+    """
     model = copy.deepcopy(model).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
