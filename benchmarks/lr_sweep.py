@@ -7,7 +7,7 @@ chosen rates are the sweep's best.
 - `validation_accuracy[method][lr]`, `best_lr[method]` (ties: the smaller rate);
 - `notebook_lr[method]`: the rate notebook 02 trains with; `agrees[method]`.
 
-    .venv/bin/python -m benchmarks.lr_sweep [--workers 2]     # about 25 CPU minutes
+    .venv/bin/python -m benchmarks.lr_sweep [--workers 2]     # 30 runs of about notebook 02's length each (not yet timed)
 """
 
 from __future__ import annotations

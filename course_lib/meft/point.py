@@ -51,10 +51,10 @@ from course_lib.meft.model import (
     BlockWithAdapter,
     MEFTVariant,
     ReversibleStack,
+    _train_adapters_only,
     make_meft_adapter,
     resolve_variant,
 )
-from course_lib.peft.adapters import BottleneckAdapter
 from course_lib.points.point_mae import PointMAEEncoder
 from course_lib.transformer import PreNormBlock
 
@@ -206,14 +206,8 @@ def meft_from_point_mae(
     model = MEFTForPointClassification(copied, couplings, num_reversible_layers=num_reversible_layers,
                                        reversible=reversible, stream_dtype=stream_dtype, exact_inputs=exact_inputs)  # fmt: skip
     model.patch_embedding.batch_chunks = batch_chunks
-    model.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, BottleneckAdapter):
-            module.requires_grad_(True)
-    if train_layer_norms:
-        for block in copied.blocks:
-            block.attention_norm.requires_grad_(True)
-            block.mlp_norm.requires_grad_(True)
+    norms = [norm for block in copied.blocks for norm in (block.attention_norm, block.mlp_norm)] if train_layer_norms else []
+    _train_adapters_only(model, norms)  # MEFT's trained set, as for text; then the point model's own new parts
     model.cls_token.requires_grad_(True)
     model.norm.requires_grad_(True)
     model.head.requires_grad_(True)
