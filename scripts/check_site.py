@@ -18,12 +18,14 @@ same checks on a scratch book.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import functools
 import http.server
 import json
 import os
 import shutil
+import struct
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -35,6 +37,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 #: Flags that keep Chromium off the network it has no business on (updates, sync, telemetry).
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync")  # fmt: skip
+
+#: The screen a reader of the site has in mind: a laptop's browser window (CSS pixels).
+VIEWPORT = {"width": 1280, "height": 800}
+
+#: matplotlib's tick labels are 10 pt (rcParams "xtick.labelsize" = "medium" = font.size); the
+#: course's figures never set them smaller. On screen they must be at least this many CSS pixels.
+TICK_LABEL_POINTS = 10.0
+MIN_TICK_LABEL_PX = 9.0
 
 #: TeX that should never reach a reader as text once MathJax has run.
 RAW_TEX_MARKERS = ("\\frac", "\\sum", "\\mathcal", "\\operatorname", "\\lambda", "\\alpha", "$$")
@@ -70,7 +80,9 @@ def check_pages(site: Path, pages: Sequence[str], *, chromium: str | None = None
 
     Per page: `mathjax_rendered` (typeset formulas), `raw_tex` (TeX markers left in the visible
     text), `tables` (HTML tables), `page_errors` (uncaught JavaScript errors), `console_errors`,
-    `outside_requests` (URLs not on the local server), `missing` (local files that answered 404).
+    `outside_requests` (URLs not on the local server), `missing` (local files that answered 404),
+    `figures` (PNG outputs of notebook cells, each with its on-screen `tick_label_px`) and
+    `small_figures` (those whose tick labels are below `MIN_TICK_LABEL_PX` in a `VIEWPORT`-sized window).
     """
     from playwright.sync_api import sync_playwright
 
@@ -88,8 +100,55 @@ def check_pages(site: Path, pages: Sequence[str], *, chromium: str | None = None
     return report
 
 
+def png_dpi(data: bytes) -> float | None:
+    """The resolution a PNG declares in its pHYs chunk (matplotlib writes the figure's dpi), or None."""
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None
+    offset = 8
+    while offset + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[offset : offset + 8])
+        if kind == b"pHYs" and length >= 9:
+            per_x, _per_y, unit = struct.unpack(">IIB", data[offset + 8 : offset + 17])
+            return per_x * 0.0254 if unit == 1 else None  # unit 1: dots per metre
+        if kind == b"IDAT":  # pHYs must come before the image data
+            return None
+        offset += 12 + length
+    return None
+
+
+def tick_label_px(display_width: float, natural_width: float, dpi: float) -> float:
+    """On-screen height of a 10-pt tick label: its pixels in the PNG (points x dpi / 72), scaled
+    as the page scales the image (display width / natural width)."""
+    return TICK_LABEL_POINTS * dpi / 72.0 * display_width / natural_width
+
+
+def _figures(page: Any, base: str) -> list[dict[str, Any]]:
+    """Every PNG output of a notebook cell on the page: natural and displayed width, dpi, tick label px."""
+    images = page.evaluate(
+        """() => [...document.querySelectorAll('.cell_output img')].map(image => ({
+                src: image.currentSrc || image.src, natural_width: image.naturalWidth,
+                display_width: image.getBoundingClientRect().width}))"""
+    )
+    figures = []
+    for image in images:
+        src = image.pop("src")
+        if src.startswith("data:image/png;base64,"):
+            data = base64.b64decode(src.split(",", 1)[1])
+        elif src.startswith(base) and src.lower().endswith(".png"):
+            data = page.request.get(src).body()
+        else:
+            continue  # not a PNG (an SVG scales with its text)
+        dpi = png_dpi(data) or 72.0  # a PNG without pHYs is shown at one pixel per CSS pixel
+        if image["natural_width"] and image["display_width"]:
+            image["dpi"] = round(dpi, 1)
+            image["tick_label_px"] = round(tick_label_px(image["display_width"], image["natural_width"], dpi), 1)
+            image["name"] = src.rsplit("/", 1)[-1][:60] if not src.startswith("data:") else "(inline)"
+            figures.append(image)
+    return figures
+
+
 def _check_page(browser: Any, base: str, page_path: str, timeout_ms: int) -> dict[str, Any]:
-    context = browser.new_context()
+    context = browser.new_context(viewport=VIEWPORT)
     page = context.new_page()
     found: dict[str, list[str]] = {"page_errors": [], "console_errors": [], "outside_requests": [], "missing": []}
     page.on("pageerror", lambda error: found["page_errors"].append(str(error)))
@@ -118,15 +177,18 @@ def _check_page(browser: Any, base: str, page_path: str, timeout_ms: int) -> dic
         "tables": page.locator("table").count(),
         **found,
     }
+    result["figures"] = _figures(page, base)
+    result["small_figures"] = [f for f in result["figures"] if f["tick_label_px"] < MIN_TICK_LABEL_PX]
     context.close()
     return result
 
 
 def problems(report: dict[str, dict]) -> list[str]:
-    """One line per failure: raw TeX, a JavaScript error, a console error, an outside request, a 404."""
+    """One line per failure: raw TeX, a JavaScript error, a console error, an outside request, a 404,
+    a figure whose tick labels are too small to read."""
     lines = []
     for page, row in report.items():
-        for key in ("raw_tex", "page_errors", "console_errors", "outside_requests", "missing"):
+        for key in ("raw_tex", "page_errors", "console_errors", "outside_requests", "missing", "small_figures"):
             if row[key]:
                 lines.append(f"{page}: {key} {row[key][:3]}")
     return lines
@@ -166,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = check_pages(args.site, pages)
     for page, row in report.items():
         print(f"{page:60s} formulas {row['mathjax_rendered']:4d}  tables {row['tables']:3d}  raw TeX {len(row['raw_tex'])}  "
-              f"errors {len(row['page_errors']) + len(row['console_errors'])}  outside {len(row['outside_requests'])}")
+              f"errors {len(row['page_errors']) + len(row['console_errors'])}  outside {len(row['outside_requests'])}  "
+              f"figures {len(row['figures'])} (smallest tick labels {min((f['tick_label_px'] for f in row['figures']), default=0):.1f} px)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))

@@ -2,7 +2,8 @@
 scratch book of `conftest.scratch_site` served on 127.0.0.1, as a teacher's readers open the
 course's site, with `scripts/check_site.py`'s checks: MathJax typesets every formula (no raw TeX
 left in the text), the results table is an HTML table, no JavaScript or console error, no request
-leaves the local server (the course is offline), no file is missing.
+leaves the local server (the course is offline), no file is missing, a figure's tick labels are
+at least 9 px on screen.
 
 `make test` installs Chromium where it can (`scripts/setup_browser.sh`); without it these tests
 are skipped with the command to run."""
@@ -43,6 +44,32 @@ def test_no_script_error_no_outside_request_no_missing_file(browser_report):
     assert check_site.problems(browser_report) == []
 
 
+def test_the_widest_figure_the_course_allows_is_legible(browser_report):
+    """A 10-inch figure (tests/test_repo.py's limit is 10.5) in the book's own theme, at 1280 px."""
+    (figure,) = browser_report["table.html"]["figures"]
+    assert figure["dpi"] == 100 and 800 <= figure["natural_width"] <= 1000  # tight bounding box
+    assert figure["display_width"] < figure["natural_width"]  # the page scales it down...
+    assert check_site.MIN_TICK_LABEL_PX <= figure["tick_label_px"] < 13.9  # ...and its labels stay readable
+
+
+def test_tick_label_size_from_the_png():
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, _ = plt.subplots(figsize=(15, 4))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    assert check_site.png_dpi(buffer.getvalue()) == pytest.approx(80, abs=0.1)
+    assert check_site.png_dpi(b"GIF89a") is None
+    # 10 pt at 80 dpi is 11.1 image pixels; shown at half size, 5.6 CSS px
+    assert check_site.tick_label_px(600, 1200, 80) == pytest.approx(10 * 80 / 72 / 2)
+
+
 def test_a_widget_cell_says_where_to_use_it(scratch_site):
     page = (scratch_site / "table.html").read_text()
     assert page.count("application/vnd.jupyter.widget-view+json") == 1  # the scratch notebook's slider
@@ -51,13 +78,27 @@ def test_a_widget_cell_says_where_to_use_it(scratch_site):
 
 
 def test_the_checks_can_fail(scratch_site, tmp_path):
-    """A page with raw TeX, a script error and an outside request is reported on all three."""
+    """A page with raw TeX, a script error, an outside request and a 15-inch figure squeezed to the
+    page's width is reported on all four."""
     if check_site.find_chromium() is None:
         pytest.skip("no Chromium: run `sudo apt-get install -y chromium` (Debian/Ubuntu), then make test again")
     pytest.importorskip("playwright")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, _ = plt.subplots(figsize=(15, 4))  # 1500 px at 100 dpi, shown 690 px wide as on the course's pages
+    fig.savefig(tmp_path / "wide.png", format="png", dpi=100)
+    plt.close(fig)
     (tmp_path / "bad.html").write_text(
         "<html><body><p>$$\\frac{a}{b}$$</p><script>const X = 1;</script><script>const X = 2;</script>"
-        '<script src="https://cdn.example.org/lib.js"></script></body></html>'
+        '<script src="https://cdn.example.org/lib.js"></script>'
+        '<div class="cell_output"><img src="wide.png" style="width: 690px"></div></body></html>'
     )
     row = check_site.check_pages(tmp_path, ["bad.html"])["bad.html"]
     assert row["raw_tex"] and row["page_errors"] and row["outside_requests"]
+    (small,) = row["small_figures"]
+    assert small["tick_label_px"] == pytest.approx(10 * 100 / 72 * 690 / 1500, abs=0.1)  # 6.4 px
+    assert any("small_figures" in line for line in check_site.problems({"bad.html": row}))

@@ -108,3 +108,29 @@ def test_every_image_a_notebook_shows_exists_and_is_valid_svg_or_png():
                     xml.dom.minidom.parse(str(image))  # well-formed
                 referenced += 1
     assert referenced >= 5  # the method diagrams of notebooks 02, 14, 21, 31 and 32
+
+
+#: The widest figure that stays legible on the site: the book's content column is about 690 CSS px
+#: in a 1280-px window, and a 10-pt tick label of a W-inch figure shows at 10/72 x 690 / W px,
+#: at least 9 px (scripts/check_site.py's limit) for W <= 10.6 (the same holds in JupyterLab).
+MAX_FIGURE_INCHES = 10.5
+FIGURE_SOURCES = NOTEBOOKS + sorted((ROOT / "course_lib").rglob("*.py"))
+
+
+def _code_of(path: Path) -> str:
+    if path.suffix == ".ipynb":
+        return "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
+    return path.read_text()
+
+
+@pytest.mark.parametrize("path", FIGURE_SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_figures_are_narrow_enough_to_read_on_the_site(path: Path):
+    """A wide figure is scaled down to the page and its labels with it (a 15-inch figure's tick labels
+    showed at about 6 px); tick labels keep matplotlib's 10 pt. The built pages are measured by
+    scripts/check_site.py (`make check-site`)."""
+    code = _code_of(path)
+    for width, height in re.findall(r"figsize=\(\s*([0-9.]+)\s*,\s*([0-9.]+)\s*\)", code):
+        assert float(width) <= MAX_FIGURE_INCHES, f"{path.name}: figsize=({width}, {height}) is wider than {MAX_FIGURE_INCHES} in"
+    for line in code.splitlines():
+        if re.search(r"(set_[xy]ticks|set_[xy]ticklabels|tick_params)\([^;]*(fontsize|labelsize)\s*=", line):
+            raise AssertionError(f"{path.name}: tick labels below matplotlib's 10 pt are unreadable on the site: {line.strip()}")

@@ -114,7 +114,7 @@ def sparsity_figure(histograms: Mapping[str, SparsityHistogram], title: str = ""
     ax = figure.add_subplot(1, 1, 1)
     width = LOG_BINS[1] - LOG_BINS[0]
     centres = (LOG_BINS[:-1] + LOG_BINS[1:]) / 2
-    zero_x = LOG_BINS[0] - 2 * width  # where the exact zeros are drawn
+    zero_x = LOG_BINS[0] - 4 * width  # where the exact zeros are drawn (a decade left of 1e-9: room for the label)
     for index, (name, histogram) in enumerate(histograms.items()):
         colour = f"C{index}"
         fraction = histogram.counts / histogram.num_values
@@ -127,7 +127,7 @@ def sparsity_figure(histograms: Mapping[str, SparsityHistogram], title: str = ""
         ax.axvline(np.log10(threshold), color="k", linestyle="--", linewidth=1)
         ax.text(np.log10(threshold), ax.get_ylim()[1] * 0.95, f" tau = {threshold:.0e}", va="top", fontsize=8)
     ax.set_xticks([zero_x, *range(int(LOG_BINS[0]), int(LOG_BINS[-1]) + 1)])
-    ax.set_xticklabels(["exact 0", *[f"1e{p}" for p in range(int(LOG_BINS[0]), int(LOG_BINS[-1]) + 1)]], fontsize=7)
+    ax.set_xticklabels(["exact 0", *[f"1e{p}" for p in range(int(LOG_BINS[0]), int(LOG_BINS[-1]) + 1)]])
     ax.set_xlabel("|activation| (log scale); left bar: entries that are exactly 0")
     ax.set_ylabel("fraction of entries")
     ax.legend(fontsize=8, loc="upper left")
