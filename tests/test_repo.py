@@ -129,8 +129,9 @@ def test_figures_are_narrow_enough_to_read_on_the_site(path: Path):
     showed at about 6 px); tick labels keep matplotlib's 10 pt. The built pages are measured by
     scripts/check_site.py (`make check-site`)."""
     code = _code_of(path)
-    for width, height in re.findall(r"figsize=\(\s*([0-9.]+)\s*,\s*([0-9.]+)\s*\)", code):
-        assert float(width) <= MAX_FIGURE_INCHES, f"{path.name}: figsize=({width}, {height}) is wider than {MAX_FIGURE_INCHES} in"
+    for width in re.findall(r"figsize=\(\s*([0-9.]+)\s*,", code):  # the width is a number everywhere
+        assert float(width) <= MAX_FIGURE_INCHES, f"{path.name}: a figsize {width} inches wide is wider than {MAX_FIGURE_INCHES}"
+    assert not re.search(r"figsize=\((?!\s*[0-9.]+\s*,)", code), f"{path.name}: a computed figure width: keep it a number here"
     for line in code.splitlines():
         if re.search(r"(set_[xy]ticks|set_[xy]ticklabels|tick_params)\([^;]*(fontsize|labelsize)\s*=", line):
             raise AssertionError(f"{path.name}: tick labels below matplotlib's 10 pt are unreadable on the site: {line.strip()}")
