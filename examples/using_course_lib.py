@@ -68,6 +68,13 @@ inject_peft(gpt2, "lora", r=8, lora_alpha=16, target_modules=["c_attn"])  # Conv
 # --- README: end
 assert gpt2(input_ids=batch["input_ids"]).logits.isfinite().all()
 
+# --- README: prefix
+inject_peft(your_gpt2(), "prefix_tuning", num_virtual_tokens=20)  # or a DistilBERT, a Llama, ...
+# --- README: end
+prefixed = your_gpt2()
+inject_peft(prefixed, "prefix_tuning", num_virtual_tokens=4)
+assert prefixed(input_ids=batch["input_ids"]).logits.isfinite().all()
+
 # --- README: deft
 from course_lib.deft import DEFTLoss
 

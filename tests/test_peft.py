@@ -345,8 +345,8 @@ def test_wrong_module_type_names_the_module(net):
         LoRALinear(nn.LayerNorm(4))
 
 
-def test_bert_only_methods_and_defaults_say_so(net):
-    with pytest.raises(ValueError, match="BERT-family"):
+def test_methods_that_need_a_transformer_and_bert_defaults_say_so(net):
+    with pytest.raises(ValueError, match="needs a Hugging Face transformer"):
         inject_peft(net, "prefix_tuning")
     with pytest.raises(ValueError, match="takes inputs_embeds"):  # prompt tuning: any HF model with inputs_embeds
         inject_peft(net, "prompt_tuning")

@@ -340,7 +340,7 @@ def test_a_failed_save_leaves_the_old_adapter_and_no_half_written_folder(bert, t
 # --- prompt and prefix tuning across families ----------------------------------------------
 
 
-def test_prompt_tuning_on_roberta_equals_peft_and_prefix_tuning_on_a_decoder_gets_a_clear_error(batch):
+def test_prompt_tuning_on_roberta_equals_peft_and_prefix_tuning_runs_on_it(batch):
     from course_lib.peft import PromptEmbedding
 
     transformers.logging.set_verbosity_error()
@@ -362,8 +362,125 @@ def test_prompt_tuning_on_roberta_equals_peft_and_prefix_tuning_on_a_decoder_get
     prefixed = copy.deepcopy(roberta)
     inject_peft(prefixed, "prefix_tuning", num_virtual_tokens=4)  # checked against attention by hand on BERT
     assert _logits(prefixed, inputs).isfinite().all()
-    with pytest.raises(ValueError, match="needs a BERT-family model"):
-        inject_peft(_tiny_gpt2(), "prefix_tuning")
+    with pytest.raises(ValueError, match="prefix tuning needs a Hugging Face transformer"):
+        inject_peft(torch.nn.Sequential(torch.nn.Linear(4, 4)), "prefix_tuning")
+
+
+def _prefix_cache(model: torch.nn.Module, layers: list[torch.nn.Module], batch_size: int):
+    """The prefixes of `layers` (their course_prefix children) as a transformers cache of P past positions."""
+    cache = transformers.DynamicCache(config=model.config)
+    for index, attention in enumerate(layers):
+        keys, values = attention.course_prefix.head_prefix(batch_size, torch.float32)
+        cache.update(keys.detach().clone(), values.detach().clone(), index)
+    return cache
+
+
+def _with_prefix_positions(mask: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    return torch.cat([torch.ones(mask.shape[0], num_prefix, dtype=mask.dtype), mask], dim=1)
+
+
+def test_prefix_tuning_on_gpt2_equals_the_prefix_as_transformers_past_keys_and_values(batch):
+    """GPT-2 (fused Conv1D projections, a causal mask): the prefix where keys and values meet gives
+    exactly the logits transformers computes with the same prefix as a past of P positions (real
+    tokens at positions 0..T-1, padding on the left); peft's prefix tuning is that same past with
+    the real tokens' positions shifted by P, and differs by exactly that."""
+    from course_lib.peft import PREFIX_ATTENTION, PrefixKeyValues
+
+    gpt2 = _tiny_gpt2()
+    ids, mask = batch["input_ids"] % 100, batch["attention_mask"].flip(1)  # left padding in row 1
+    ours = copy.deepcopy(gpt2)
+    report = inject_peft(ours, "prefix_tuning", num_virtual_tokens=3)
+    assert report.trainable_params == 2 * 2 * 3 * 32 and ours.config._attn_implementation == PREFIX_ATTENTION
+    assert gpt2.config._attn_implementation == "sdpa"  # the copy's config, not the original's
+    _perturb(ours)
+    layers = [block.attn for block in ours.transformer.h]
+    positions = torch.arange(ids.shape[1]).expand(len(ids), -1)
+    with torch.no_grad():
+        reference = gpt2(input_ids=ids, attention_mask=_with_prefix_positions(mask, 3), position_ids=positions,
+                         past_key_values=_prefix_cache(gpt2, layers, len(ids))).logits  # fmt: skip
+    real = mask.bool()
+    assert (_logits(ours, {"input_ids": ids, "attention_mask": mask}) - reference)[real].abs().max() <= TOLERANCE
+
+    theirs = peft.get_peft_model(copy.deepcopy(gpt2), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    theirs.eval()
+    with torch.no_grad():  # peft's one embedding holds every layer's keys and values: (P, layers x 2 x C)
+        table = theirs.prompt_encoder.default.embedding.weight.view(3, 2 * 2, 32)
+        for index, attention in enumerate(layers):
+            attention.course_prefix.prefix_keys.copy_(table[:, 2 * index])
+            attention.course_prefix.prefix_values.copy_(table[:, 2 * index + 1])
+        shifted = gpt2(input_ids=ids, past_key_values=_prefix_cache(gpt2, layers, len(ids))).logits  # positions P..P+T-1
+        unshifted = gpt2(input_ids=ids, position_ids=positions, past_key_values=_prefix_cache(gpt2, layers, len(ids))).logits
+    assert (_logits(theirs, {"input_ids": ids}) - shifted).abs().max() <= TOLERANCE
+    assert (_logits(ours, {"input_ids": ids}) - unshifted).abs().max() <= TOLERANCE
+    assert (shifted - unshifted).abs().max() > 1e-3  # the one difference from peft: GPT-2's absolute positions
+
+    # trains the prefix only; remove_peft puts the model and its attention implementation back
+    loss = ours(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all((p.grad is not None) == isinstance(m, PrefixKeyValues) for m in ours.modules()
+               for p in m.parameters(recurse=False))  # fmt: skip
+    remove_peft(ours)
+    assert ours.config._attn_implementation == "sdpa" and not any(isinstance(m, PrefixKeyValues) for m in ours.modules())
+    ours.load_state_dict(gpt2.state_dict())
+    assert (_logits(ours, {"input_ids": ids}) - _logits(gpt2, {"input_ids": ids})).abs().max() == 0
+
+
+def test_prefix_tuning_on_llama_with_grouped_key_value_heads(batch):
+    """Llama (rotary positions, 2 key/value heads for 4 query heads): a prefix per key/value head, the
+    same logits as transformers with the prefix as a past of P positions."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    llama = transformers.LlamaForCausalLM(config).eval()
+    ours = copy.deepcopy(llama)
+    report = inject_peft(ours, "prefix_tuning", num_virtual_tokens=4)
+    assert report.trainable_params == 2 * 2 * 4 * (2 * 8)  # layers x (keys, values) x P x (2 heads x d 8)
+    _perturb(ours)
+    ids, mask = batch["input_ids"] % 100, batch["attention_mask"]
+    layers = [layer.self_attn for layer in ours.model.layers]
+    with torch.no_grad():
+        reference = llama(input_ids=ids, attention_mask=_with_prefix_positions(mask, 4),
+                          position_ids=torch.arange(ids.shape[1]).expand(len(ids), -1),
+                          past_key_values=_prefix_cache(llama, layers, len(ids))).logits  # fmt: skip
+    real = mask.bool()
+    assert (_logits(ours, {"input_ids": ids, "attention_mask": mask}) - reference)[real].abs().max() <= TOLERANCE
+
+
+def test_prefix_tuning_on_distilbert_equals_attention_by_hand(batch, tmp_path):
+    """DistilBERT (no key/value cache to compare with): one attention module against
+    softmax(Q [P_K; K]^T / sqrt(d) + mask) [P_V; V] written out; the adapter saves and loads."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.DistilBertConfig(vocab_size=120, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                           max_position_embeddings=64, num_labels=3)  # fmt: skip
+    distilbert = transformers.DistilBertForSequenceClassification(config).eval()
+    ours = copy.deepcopy(distilbert)
+    inject_peft(ours, "prefix_tuning", num_virtual_tokens=5)
+    _perturb(ours)
+    attention = ours.distilbert.transformer.layer[0].attention
+    hidden = torch.randn(3, 10, 32)
+    mask = batch["attention_mask"].bool()[:, None, None, :]  # (B, 1, 1, T): True = may attend
+    with torch.no_grad():
+        output = attention(hidden, attention_mask=mask.expand(-1, 1, 10, -1))[0]
+
+        def heads(x):  # (B, L, C) -> (B, 4, L, 8)
+            return x.unflatten(-1, (4, 8)).transpose(1, 2)
+
+        prefix_keys, prefix_values = attention.course_prefix.prefix()
+        keys = torch.cat([heads(prefix_keys[None].expand(3, -1, -1)), heads(attention.k_lin(hidden))], dim=2)
+        values = torch.cat([heads(prefix_values[None].expand(3, -1, -1)), heads(attention.v_lin(hidden))], dim=2)
+        scores = heads(attention.q_lin(hidden)) @ keys.transpose(-1, -2) / 8**0.5  # (B, 4, T, P + T)
+        scores = scores.masked_fill(~torch.cat([torch.ones(3, 1, 1, 5, dtype=torch.bool), mask], dim=-1), float("-inf"))
+        by_hand = attention.out_lin((scores.softmax(-1) @ values).transpose(1, 2).reshape(3, 10, 32))
+    assert (output - by_hand).abs().max() <= TOLERANCE
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    save_adapter(ours, tmp_path / "prefix")
+    again = copy.deepcopy(distilbert)
+    load_adapter(again, tmp_path / "prefix")
+    again.classifier.load_state_dict(ours.classifier.state_dict())
+    again.pre_classifier.load_state_dict(ours.pre_classifier.state_dict())
+    assert (_logits(again, inputs) - _logits(ours, inputs)).abs().max() == 0
 
 
 def _prompts_of(model: torch.nn.Module) -> torch.Tensor:

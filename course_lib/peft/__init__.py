@@ -2,7 +2,8 @@
 
 - `lora`           LoRALinear: W x + (alpha / r) B A x, with merge / unmerge
 - `adapters`       BottleneckAdapter and its placements: Houlsby, Pfeiffer (serial), parallel (He et al.)
-- `prefix_tuning`  PrefixSelfAttention: learned keys/values in front of the real ones (BERT family)
+- `prefix_tuning`  PrefixSelfAttention: learned keys/values in front of the real ones (BERT family);
+                   PrefixKeyValues + PREFIX_ATTENTION: the same on DistilBERT, GPT-2, Llama, ...
 - `prompt_tuning`  PromptEmbedding: learned virtual tokens in front of the input (BERT family, DistilBERT, GPT-2, ...)
 - `bitfit`         train only the biases
 - `ia3`            IA3Linear: learned rescaling vectors
@@ -40,6 +41,8 @@ from course_lib.peft.layers import is_linear_like, linear_layout
 from course_lib.peft.lora import LoRAConfig, LoRALinear
 from course_lib.peft.matching import ModulePattern, matching_module_names, name_matches
 from course_lib.peft.prefix_tuning import (
+    PREFIX_ATTENTION,
+    PrefixKeyValues,
     PrefixSelfAttention,
     PrefixTuningConfig,
     extend_attention_mask,
@@ -62,6 +65,8 @@ __all__ = [
     "ModulePattern",
     "PEFTConfig",
     "ParallelAdapter",
+    "PREFIX_ATTENTION",
+    "PrefixKeyValues",
     "PrefixSelfAttention",
     "PrefixTuningConfig",
     "PromptEmbedding",

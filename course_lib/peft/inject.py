@@ -8,8 +8,9 @@
 method's `target_modules` (see `course_lib.peft.matching`), replaces each by the method's wrapper
 (LoRALinear, SerialAdapter, IA3Linear...), freezes every other parameter and keeps the task head
 (`trainable_modules`, like peft's `modules_to_save`) trainable. It works on any nn.Module for
-LoRA, adapters, BitFit and (IA)^3 given `target_modules`; prefix tuning needs a Hugging Face
-BERT-family model (BertModel, RobertaModel, their task models), prompt tuning any Hugging Face
+LoRA, adapters, BitFit and (IA)^3 given `target_modules`; prefix tuning a Hugging Face
+transformer (the BERT family through `PrefixSelfAttention`, other transformers 5.x models such as
+DistilBERT, GPT-2 or Llama through `PREFIX_ATTENTION`, see prefix_tuning.py), prompt tuning any Hugging Face
 model that takes `inputs_embeds` (BERT, RoBERTa, DistilBERT, GPT-2, ...). With `target_modules=None` each method uses
 Hugging Face peft's BERT defaults.
 
@@ -38,9 +39,13 @@ from course_lib.peft.layers import is_linear_like, linear_layout
 from course_lib.peft.lora import LoRAConfig, LoRALinear
 from course_lib.peft.matching import ModulePattern, matching_module_names, name_matches
 from course_lib.peft.prefix_tuning import (
+    PrefixKeyValues,
     PrefixSelfAttention,
     PrefixTuningConfig,
+    attach_prefix,
+    detach_prefix,
     looks_like_bert_self_attention,
+    looks_like_interface_attention,
 )
 from course_lib.peft.prompt_tuning import (
     PromptEmbedding,
@@ -257,11 +262,17 @@ def _apply_bitfit(model: nn.Module, config: BitFitConfig) -> tuple[list[str], li
 def _apply_prefix_tuning(model: nn.Module, config: PrefixTuningConfig) -> tuple[list[str], list[nn.Parameter]]:
     modules = dict(model.named_modules())
     new_parameters: list[nn.Parameter] = []
+    # BERT family: the self-attention notebook 02 derives; any other model whose attention goes
+    # through transformers' AttentionInterface: a prefix where keys and values meet (prefix_tuning.py)
     attentions = [name for name, module in modules.items() if looks_like_bert_self_attention(module)]
+    bert_family = bool(attentions)
+    if not bert_family:
+        attentions = [name for name, module in modules.items() if looks_like_interface_attention(module)]
     if not attentions:
         raise ValueError(
-            f"prefix tuning needs a BERT-family model (BertModel, BertFor*, ...): {type(model).__name__} "
-            "has no self-attention module with query/key/value layers"
+            f"prefix tuning needs a Hugging Face transformer: {type(model).__name__} has neither a BERT-style "
+            "self-attention (query/key/value layers) nor attention modules that use transformers' attention "
+            "interface (transformers 5.x models: DistilBERT, GPT-2, Llama, ...)"
         )
     names = attentions
     if config.target_modules is not None:
@@ -271,6 +282,10 @@ def _apply_prefix_tuning(model: nn.Module, config: PrefixTuningConfig) -> tuple[
             raise ValueError(f"target_modules={config.target_modules!r} matches none of the self-attention "
                              f"modules {attentions[:4]}...")
     for name in names:
+        if not bert_family:
+            prefix = attach_prefix(modules[name], config.num_virtual_tokens, config.projection_dim, config.init_std)
+            new_parameters += list(prefix.parameters())
+            continue
         wrapper = PrefixSelfAttention(
             modules[name], config.num_virtual_tokens, projection_dim=config.projection_dim, init_std=config.init_std
         )
@@ -354,7 +369,7 @@ def inject_peft(
     """Apply a PEFT method to `model` in place and report what changed.
 
     Args:
-        model: any nn.Module (prefix tuning: a Hugging Face BERT-family model; prompt tuning: a
+        model: any nn.Module (prefix tuning: a Hugging Face transformer; prompt tuning: a
             Hugging Face model that takes inputs_embeds).
         method: a name in `METHODS` ("lora", "adapter", "prefix_tuning", "prompt_tuning",
             "bitfit", "ia3"; also "houlsby", "pfeiffer", "parallel_adapter") with the method's
@@ -441,7 +456,9 @@ def remove_peft(model: nn.Module) -> nn.Module:
     # innermost first, so that a wrapper inside another one's base (LoRA under prefix tuning)
     # is restored while its name is still valid
     for name, module in reversed(list(model.named_modules())):
-        if isinstance(module, PromptEmbedding):
+        if isinstance(module, PrefixKeyValues):  # a child of its attention module, not a wrapper
+            detach_prefix(model.get_submodule(name.rpartition(".")[0]) if "." in name else model)
+        elif isinstance(module, PromptEmbedding):
             parent_name = name.rpartition(".")[0]
             module.detach_from(model.get_submodule(parent_name) if parent_name else model)
         elif isinstance(module, wrappers):
@@ -459,7 +476,7 @@ unload = remove_peft
 
 def peft_module_names(model: nn.Module) -> list[str]:
     """Names of the modules of `model` that course_lib's PEFT methods put there (wrappers, prompts)."""
-    wrappers = (LoRALinear, IA3Linear, SerialAdapter, ParallelAdapter, PrefixSelfAttention, PromptEmbedding)
+    wrappers = (LoRALinear, IA3Linear, SerialAdapter, ParallelAdapter, PrefixSelfAttention, PrefixKeyValues, PromptEmbedding)
     return [name for name, module in model.named_modules() if isinstance(module, wrappers)]
 
 
