@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from course_lib.meters import PEAK_CATEGORIES, measure_peak_memory
+from course_lib.meters import PEAK_CATEGORIES, measure_peak_memory, measure_phase_peaks
 
 
 def test_peak_of_a_step_whose_tensors_are_known():
@@ -61,3 +61,60 @@ def test_training_step_split_weights_optimizer_state_gradients():
 def test_bad_device():
     with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
         measure_peak_memory(lambda: None, device="meta")
+
+
+def test_phase_peaks_of_steps_whose_tensors_are_known():
+    kept = {}
+
+    def first():
+        kept["a"] = torch.ones(1000)  # 4,000 live, kept into the second phase
+        temporary = torch.ones(2000)  # 12,000
+        del temporary
+
+    def second():
+        b = torch.ones(500, dtype=torch.float64)  # 4,000 + 4,000
+        del b
+        kept.clear()  # 0
+
+    def third():
+        c = torch.ones(250)  # 1,000
+        del c
+
+    assert measure_phase_peaks([("first", first), ("second", second), ("third", third)]) == {
+        "first": 12_000, "second": 8_000, "third": 1_000}  # fmt: skip
+
+
+def test_phase_peaks_equal_the_categorised_peak_of_a_training_step():
+    """Above what was live at the start (weights, optimizer state, inputs): the same peak as
+    measure_peak_memory's, whose categories count everything."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 8))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(32, 128), torch.randint(0, 8, (32,))
+    state = {}
+
+    def forward():
+        state["loss"] = nn.functional.cross_entropy(model(x), y)
+
+    def backward():
+        state.pop("loss").backward()
+
+    def update():
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for run in (forward, backward, update):  # one step first: the optimizer state exists
+        run()
+    phases = measure_phase_peaks([("forward", forward), ("backward", backward), ("optimizer", update)])
+    report = measure_peak_memory(lambda: [run() for run in (forward, backward, update)])
+    live_before = sum(t.numel() * t.element_size() for t in [*model.parameters(), x, y])
+    live_before += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())
+    assert max(phases.values()) + live_before == report.peak_bytes
+    assert phases["backward"] >= phases["forward"] > 0 and phases["optimizer"] > 0
+
+
+def test_phase_peaks_refuse_bad_input():
+    with pytest.raises(ValueError, match="distinct names"):
+        measure_phase_peaks([("a", lambda: None), ("a", lambda: None)])
+    with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+        measure_phase_peaks([("a", lambda: None)], device="meta")

@@ -81,3 +81,24 @@ def test_widget_updates_when_controls_change(costs):
     assert len(explorer.output.outputs) == 1 and explorer.output.outputs[0]["data"]["image/png"]
     with pytest.raises(ValueError, match="costs is empty"):
         make_memory_curves_widget({})
+
+
+def test_widget_shows_the_peak_when_given_peak_costs(pretrained, costs):
+    from course_lib.meft import fit_peak_costs
+
+    peaks = fit_peak_costs(pretrained, ["lora"], batch_sizes=(2, 4), seq_lens=(16, 32, 48), layer_counts=(2, 3), progress=False)
+    explorer = make_memory_curves_widget(costs, methods=["lora", "meft1"], peak_costs=peaks).explorer
+    saved = explorer.last_curves["lora"][1].copy()
+    explorer.controls["measure"].value = "peak"
+    assert list(explorer.last_curves) == ["lora"]  # MEFT1 has no peak fit here: left out, and the figure says so
+    assert "no peak fit: MEFT1" in explorer.last_figure.axes[0].texts[-1].get_text()
+    assert explorer.last_curves["lora"][1][3] == pytest.approx(peaks["lora"].predict_mib(int(X_AXES["batch_size"][1][3]), 128, 6))
+    assert (explorer.last_curves["lora"][1] > saved).all()  # the peak holds the saved tensors and more
+    assert "peak" in explorer.last_figure.axes[0].get_title()
+    explorer.controls["measure"].value = "saved"
+    assert explorer.last_curves["lora"][1] == pytest.approx(saved) and set(explorer.last_curves) == {"lora", "meft1"}
+    assert "measure" not in make_memory_curves_widget(costs).explorer.controls  # saved bytes only without peaks
+    with pytest.raises(ValueError, match="costs has not"):
+        make_memory_curves_widget({"meft1": costs["meft1"]}, peak_costs=peaks)
+    with pytest.raises(ValueError, match="measure"):
+        memory_curves_figure(costs, measure="rss")

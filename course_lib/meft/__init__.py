@@ -9,7 +9,7 @@
 - `model`         meft_from_hf(model, "meft1" | "meft2" | "meft3"): MEFT on any Hugging Face BERT
 - `point`         meft_from_point_mae(encoder, "meft3"): MEFT on the point transformer (Point-MAE)
 - `methods`       build_method(name, pretrained): full FT, LoRA, adapter, LoRA + checkpointing, MEFT
-- `memory_costs`  fit_activation_costs: saved bytes as a formula in batch, length and depth
+- `memory_costs`  fit_activation_costs / fit_peak_costs: saved bytes and a step's peak as formulas in batch, length and depth
 - `gradient_check` reversible_and_plain_gradients, gradient_errors: custom backward vs autograd
 
 Derived in notebooks/part4_meft/{30_where_memory_goes,31_reversible_layers,32_meft}.ipynb.
@@ -22,9 +22,13 @@ from course_lib.meft.gradient_check import (
 )
 from course_lib.meft.memory_costs import (
     COST_TERMS,
+    PEAK_PHASES,
     ActivationCostModel,
+    PeakCostModel,
     fit_activation_costs,
+    fit_peak_costs,
     measure_saved_bytes,
+    measure_step_peaks,
 )
 from course_lib.meft.methods import (
     METHOD_LABELS,
@@ -60,10 +64,12 @@ from course_lib.meft.saving import load_meft, save_meft
 
 __all__ = [
     "COST_TERMS",
+    "PEAK_PHASES",
     "MEFT_VARIANTS",
     "METHOD_LABELS",
     "METHOD_NAMES",
     "ActivationCostModel",
+    "PeakCostModel",
     "AdapterOnly",
     "BlockWithAdapter",
     "MEFTConfig",
@@ -77,10 +83,12 @@ __all__ = [
     "build_method",
     "enable_checkpointing",
     "fit_activation_costs",
+    "fit_peak_costs",
     "gradient_errors",
     "load_meft",
     "make_meft_adapter",
     "measure_saved_bytes",
+    "measure_step_peaks",
     "meft",
     "meft_from_hf",
     "meft_from_point_mae",

@@ -3,6 +3,7 @@
 - `count_parameters`            trainable / total parameters (parameters.py)
 - `measure_activation_memory`   bytes saved for backward by one step, optionally per module (memory.py)
 - `measure_peak_memory`         peak of live allocated bytes of a step, split by category (peak.py)
+- `measure_phase_peaks`         peak above the start in each phase of a step (peak.py)
 - `measure_peak_process_memory` peak resident memory of a step (memory.py)
 - `activation_density`          per-layer non-zero fraction of MLP activations (density.py)
 - `interleaved_median_seconds`  median times of contenders timed in alternation (timing.py)
@@ -30,13 +31,14 @@ from course_lib.meters.memory import (
     measure_peak_process_memory,
 )
 from course_lib.meters.parameters import ParameterReport, count_parameters
-from course_lib.meters.peak import PEAK_CATEGORIES, PeakMemoryReport, measure_peak_memory
+from course_lib.meters.peak import PEAK_CATEGORIES, PeakMemoryReport, measure_peak_memory, measure_phase_peaks
 from course_lib.meters.timing import interleaved_median_seconds, median_seconds
 
 __all__ = [
     "PEAK_CATEGORIES",
     "PeakMemoryReport",
     "measure_peak_memory",
+    "measure_phase_peaks",
     "ParameterReport",
     "count_parameters",
     "MIB",

@@ -28,13 +28,13 @@ Derived in notebooks/part4_meft/30_where_memory_goes.ipynb.
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["PEAK_CATEGORIES", "PeakMemoryReport", "measure_peak_memory"]
+__all__ = ["PEAK_CATEGORIES", "PeakMemoryReport", "measure_peak_memory", "measure_phase_peaks"]
 
 MIB = 1024**2
 
@@ -114,3 +114,56 @@ def measure_peak_memory(step: Callable[[], Any], *, device: str | torch.device =
         device="cpu",
         timeline=[((t - start) / 1e6, int(total)) for t, total in zip(times, totals)],  # times are in us
     )
+
+
+def measure_phase_peaks(phases: Sequence[tuple[str, Callable[[], Any]]], *, device: str | torch.device = "cpu") -> dict[str, int]:
+    """Run the phases in order and return, per phase, the peak of live allocated bytes during it
+    **above what was live when the first phase began** (no category split).
+
+    `phases`: (name, callable) pairs, e.g. forward, backward and optimizer step of one training
+    step (they share state through the caller's closures). Why per phase: the peak of a step is a
+    maximum over time, and which phase holds it changes with the sizes (full fine-tuning's peak is
+    in the optimizer step for a tiny batch and at the start of backward for a large one), so a
+    formula in B, T and L fits each phase's peak, not the step's (`course_lib.meft.fit_peak_costs`).
+
+    On a CPU the profiler's raw allocation events are summed in time order (4-5x faster than
+    `measure_peak_memory`, which also categorises every tensor: the memory profiler's analysis is
+    most of its time); on CUDA, `max_memory_allocated` is reset before each phase.
+    Derived in notebooks/part4_meft/30_where_memory_goes.ipynb.
+    """
+    device = torch.device(device)
+    names = [name for name, _ in phases]
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"phases need distinct names (and at least one), got {names}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        peaks = {}
+        for name, run in phases:
+            torch.cuda.reset_peak_memory_stats(device)
+            run()
+            torch.cuda.synchronize(device)
+            peaks[name] = int(torch.cuda.max_memory_allocated(device)) - start
+        return peaks
+    if device.type != "cpu":
+        raise ValueError(f"measure_phase_peaks measures on 'cpu' or 'cuda', got {device}")
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    marker = "course_lib.phase:"
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for name, run in phases:
+            with record_function(marker + name):
+                run()
+    events = prof.profiler.kineto_results.events()
+    windows = {e.name()[len(marker):]: (e.start_ns(), e.start_ns() + e.duration_ns()) for e in events if e.name().startswith(marker)}
+    allocations = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+    peaks = dict.fromkeys(names, 0)
+    live = 0  # bytes allocated minus bytes freed since the profiler started
+    for time_ns, nbytes in allocations:
+        live += nbytes
+        for name, (begin, end) in windows.items():
+            if begin <= time_ns <= end and live > peaks[name]:
+                peaks[name] = live
+    return peaks

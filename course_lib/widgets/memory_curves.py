@@ -1,4 +1,4 @@
-"""The memory-curve widget: activation memory vs batch size, sequence length or depth, per method.
+"""The memory-curve widget: activation memory (or a step's peak) vs batch size, sequence length or depth, per method.
 
 Derived in notebooks/part4_meft/30_where_memory_goes.ipynb.
 
@@ -8,7 +8,10 @@ grid of batch sizes, lengths and depths, and the exact form of the count,
 
     bytes = B (a + b T + c T L + d T^2 + e T^2 L) + f + g L + h T,
 
-was fitted to them; the widget evaluates that formula. `memory_curves` computes the curves,
+was fitted to them; the widget evaluates that formula. Given `peak_costs`
+(`course_lib.meft.fit_peak_costs`: the same formula fitted to the peak of each phase of a training
+step, the largest phase predicted), a "measure" control switches the curves to the peak of a
+step minus the weights, the figure that decides whether a batch fits. `memory_curves` computes the curves,
 `memory_curves_figure` draws them (the notebook shows a static figure first), and
 `make_memory_curves_widget` wires ipywidgets controls to them. Tests set `.value` on the
 controls and read `explorer.last_curves`.
@@ -16,17 +19,17 @@ controls and read `explorer.last_curves`.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import io
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from course_lib.meft.memory_costs import ActivationCostModel
-from course_lib.meft.methods import METHOD_LABELS
+from course_lib.meft.memory_costs import ActivationCostModel, PeakCostModel
+from course_lib.meft.methods import METHOD_LABELS, METHOD_NAMES
 
-__all__ = ["X_AXES", "memory_curves", "memory_curves_figure", "MemoryCurvesExplorer", "make_memory_curves_widget"]
+__all__ = ["MEASURES", "X_AXES", "memory_curves", "memory_curves_figure", "MemoryCurvesExplorer", "make_memory_curves_widget"]
 
 #: x axis name -> (label, values drawn)
 X_AXES: dict[str, tuple[str, np.ndarray]] = {
@@ -36,8 +39,21 @@ X_AXES: dict[str, tuple[str, np.ndarray]] = {
 }
 
 
+#: measure name -> (y-axis label, title prefix)
+MEASURES: dict[str, tuple[str, str]] = {
+    "saved": ("activation memory (MiB, parameters excluded)", "saved for backward"),
+    "peak": ("peak allocated (MiB, weights excluded)", "peak of an AdamW step"),
+}
+
+
+class CostModel(Protocol):
+    """What the curves need of a fitted model: ActivationCostModel and PeakCostModel both have it."""
+
+    def predict_mib(self, batch_size: float, seq_len: float, num_layers: float) -> float: ...
+
+
 def memory_curves(
-    costs: Mapping[str, ActivationCostModel],
+    costs: Mapping[str, CostModel],
     methods: Sequence[str] | None = None,
     x_axis: str = "batch_size",
     batch_size: int = 32,
@@ -69,32 +85,38 @@ def memory_curves(
 
 
 def memory_curves_figure(
-    costs: Mapping[str, ActivationCostModel],
+    costs: Mapping[str, CostModel],
     methods: Sequence[str] | None = None,
     x_axis: str = "batch_size",
     batch_size: int = 32,
     seq_len: int = 128,
     num_layers: int = 6,
     curves: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    measure: str = "saved",
 ) -> Figure:
-    """Log-log plot of the curves, with the current setting marked on each.
+    """Log-log plot of the curves, with the current setting marked on each; `measure` ("saved" or
+    "peak", `MEASURES`) names what `costs` predict.
 
     Derived in notebooks/part4_meft/30_where_memory_goes.ipynb.
     """
+    if measure not in MEASURES:
+        raise ValueError(f"measure must be one of {list(MEASURES)}, got {measure!r}")
     if curves is None:
         curves = memory_curves(costs, methods, x_axis, batch_size, seq_len, num_layers)
+    y_label, title = MEASURES[measure]
     figure = Figure(figsize=(7.5, 4.2))
     ax = figure.add_subplot(1, 1, 1)
     current = {"batch_size": batch_size, "seq_len": seq_len, "num_layers": num_layers}[x_axis]
     for method, (xs, mib) in curves.items():
-        (line,) = ax.plot(xs, mib, "o-", markersize=3, label=METHOD_LABELS.get(method, method))
+        colour = f"C{METHOD_NAMES.index(method)}" if method in METHOD_NAMES else None  # one colour per method in every view
+        (line,) = ax.plot(xs, mib, "o-", markersize=3, color=colour, label=METHOD_LABELS.get(method, method))
         ax.plot([current], [costs[method].predict_mib(batch_size, seq_len, num_layers)], "o", color=line.get_color(), markersize=8)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel(X_AXES[x_axis][0])
-    ax.set_ylabel("activation memory (MiB, parameters excluded)")
+    ax.set_ylabel(y_label)
     fixed = {"batch_size": f"B = {batch_size}", "seq_len": f"T = {seq_len}", "num_layers": f"L = {num_layers}"}
-    ax.set_title("saved for backward, " + ", ".join(v for k, v in fixed.items() if k != x_axis) + " (fitted to measurements)", fontsize=9)
+    ax.set_title(title + ", " + ", ".join(v for k, v in fixed.items() if k != x_axis) + " (fitted to measurements)", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     figure.tight_layout()
@@ -117,7 +139,8 @@ class MemoryCurvesExplorer:
     """The widget's state and controls; `.widget` is the ipywidgets box to display.
 
     Attributes the tests read: `controls` (name -> ipywidget), `last_curves`, `last_figure`,
-    `update_count`.
+    `update_count`. With `peak_costs` (some or all of the methods of `costs`) a "measure" control
+    switches between saved-for-backward bytes and the peak of a training step.
 
     Derived in notebooks/part4_meft/30_where_memory_goes.ipynb.
     """
@@ -129,11 +152,15 @@ class MemoryCurvesExplorer:
         batch_size: int = 32,
         seq_len: int = 128,
         num_layers: int = 6,
+        peak_costs: Mapping[str, PeakCostModel] | None = None,
     ) -> None:
         widgets = _widgets()
         if not costs:
             raise ValueError("costs is empty: pass the result of course_lib.meft.fit_activation_costs")
+        if peak_costs is not None and not set(peak_costs) <= set(costs):
+            raise ValueError(f"peak_costs has methods that costs has not: {sorted(set(peak_costs) - set(costs))}")
         self.costs = dict(costs)
+        self.peak_costs = dict(peak_costs) if peak_costs is not None else None
         chosen = list(self.costs) if methods is None else list(methods)
         self.controls = {
             "methods": widgets.SelectMultiple(
@@ -148,6 +175,10 @@ class MemoryCurvesExplorer:
             "seq_len": widgets.IntSlider(value=seq_len, min=16, max=512, step=16, description="length T"),
             "num_layers": widgets.IntSlider(value=num_layers, min=1, max=48, description="layers L"),
         }
+        if self.peak_costs is not None:
+            self.controls["measure"] = widgets.Dropdown(
+                options=[("saved for backward", "saved"), ("peak of a step", "peak")], value="saved", description="measure",
+            )
         self.output = widgets.Output()
         controls = list(self.controls.values())
         self.widget = widgets.VBox([widgets.HBox([controls[0], widgets.VBox(controls[1:])]), self.output])
@@ -162,10 +193,17 @@ class MemoryCurvesExplorer:
     def update(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Recompute the curves from the controls' values and redraw."""
         v = {name: control.value for name, control in self.controls.items()}
-        curves = memory_curves(self.costs, v["methods"], v["x_axis"], v["batch_size"], v["seq_len"], v["num_layers"])
+        measure = v.get("measure", "saved")
+        costs = self.peak_costs if measure == "peak" else self.costs
+        methods = [m for m in v["methods"] if m in costs]  # a method without a peak fit is left out of the peak view
+        curves = memory_curves(costs, methods, v["x_axis"], v["batch_size"], v["seq_len"], v["num_layers"])
         figure = memory_curves_figure(
-            self.costs, v["methods"], v["x_axis"], v["batch_size"], v["seq_len"], v["num_layers"], curves=curves
+            costs, methods, v["x_axis"], v["batch_size"], v["seq_len"], v["num_layers"], curves=curves, measure=measure
         )
+        left_out = [METHOD_LABELS.get(m, m) for m in v["methods"] if m not in costs]
+        if left_out:
+            figure.axes[0].text(0.99, 0.01, "no peak fit: " + ", ".join(left_out), transform=figure.axes[0].transAxes,
+                                ha="right", va="bottom", fontsize=8)  # fmt: skip
         self.last_curves, self.last_figure = curves, figure
         self.update_count += 1
         from IPython.display import Image
@@ -181,9 +219,11 @@ def make_memory_curves_widget(
     batch_size: int = 32,
     seq_len: int = 128,
     num_layers: int = 6,
+    peak_costs: Mapping[str, PeakCostModel] | None = None,
 ) -> Any:
     """The memory-curve widget (an ipywidgets VBox); its controller is `widget.explorer`.
+    `peak_costs` (from `course_lib.meft.fit_peak_costs`) adds the peak of a step as a measure.
 
     Derived in notebooks/part4_meft/30_where_memory_goes.ipynb.
     """
-    return MemoryCurvesExplorer(costs, methods, batch_size, seq_len, num_layers).widget
+    return MemoryCurvesExplorer(costs, methods, batch_size, seq_len, num_layers, peak_costs).widget
