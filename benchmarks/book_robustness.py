@@ -21,6 +21,7 @@ It takes as long as two book builds (an hour or more on 2 cores), so `make bench
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -43,16 +44,28 @@ def start(command: list[str], cwd: Path, log: Path) -> subprocess.Popen:
 
 
 def kill_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the whole process group, then SIGKILL to whatever is left of it after 20 s.
+
+    Waiting for the group, not only for `make`: on 2026-12-06 two of execute_book's pool workers
+    outlived a SIGTERM that ended make within the wait, orphaned and asleep (they died at a second
+    SIGTERM)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=20)
-            return
-        except subprocess.TimeoutExpired:
+            break
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(process.pid, 0)  # is any member left?
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
             continue
+        break
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5)
 
 
 def stored_runs(clone: Path) -> dict[str, int]:
