@@ -20,12 +20,19 @@ load, and the figure is drawn by Python). The placeholder gets a note saying so 
 the widget; the static figure each of the course's widget notebooks draws before its widget
 stays as it is.
 
+Notebooks print where they wrote their results (`wrote /home/you/course/results/meft.json`): useful
+in JupyterLab, but on the site every reader would see the build machine's folders. Pages show
+paths under the book's root relative to it (`results/meft.json`), a temporary folder as
+`(a temporary folder)/...` and the home folder as `~`.
+
 Checked in a real browser by `scripts/check_site.py` and `tests/test_browser_site.py`.
 """
 
 from __future__ import annotations
 
 import re
+import tempfile
+from pathlib import Path
 from typing import Any
 
 NOT_EXECUTED = (
@@ -43,6 +50,18 @@ WIDGET_NOTE = (
     "in JupyterLab (<code>make lab</code>) to move its controls; the figure drawn before it shows its "
     "first view.</p></div>"
 )
+
+
+def _without_machine_paths(app: Any, html: str) -> str:
+    """The book root made relative, temporary folders and the home folder named, in a page's HTML."""
+    root = str(Path(app.srcdir).resolve())
+    html = html.replace(root + "/", "").replace(root, ".")
+    temporary = re.escape(str(Path(tempfile.gettempdir()).resolve()))
+    html = re.sub(temporary + r"/[\w.-]+", "(a temporary folder)", html)
+    home = str(Path.home())
+    if len(home) > 1:  # not "/"
+        html = html.replace(home + "/", "~/")
+    return html
 
 
 def _execution(app: Any, docname: str) -> dict | None:
@@ -74,6 +93,7 @@ def _offline_page(app: Any, pagename: str, templatename: str, context: dict, doc
         if pagename in not_executed:
             context["body"] = NOT_EXECUTED.format(reason=not_executed[pagename]) + body
         context["body"] = WIDGET_VIEW.sub(lambda match: match.group(0) + WIDGET_NOTE, context["body"])
+        context["body"] = _without_machine_paths(app, context["body"])
         if getattr(app.env, "nb_metadata", {}).get(pagename, {}).get("has_exec_table"):  # myst-nb's nb-exec-table
             listed = "".join(f"<li><code>{name}</code>: {reason}</li>" for name, reason in not_executed.items())
             note = (f"<p>Left out of the table, not executed in this build:</p><ul>{listed}</ul>" if listed

@@ -9,8 +9,9 @@ fonts and the search index load as they would from any web server.
     python scripts/check_site.py                 # _build/html, every page of toc.yml
     python scripts/check_site.py --site DIR page.html other.html
 
-Exit status 1 when a page has raw TeX, a script error or an outside request. Chromium comes
-from the system (Debian: `apt-get install chromium`; `CHROMIUM=/path` to choose another);
+Also: every notebook figure's tick labels on screen (a 1280 x 800 window), paths of the machine
+that built the site in cell outputs, and blank gaps left by empty outputs. Exit status 1 when a
+page has any of these problems. Chromium comes from the system (Debian: `apt-get install chromium`; `CHROMIUM=/path` to choose another);
 Playwright drives it (`playwright install` is never needed). `tests/test_browser_site.py` runs the
 same checks on a scratch book.
 """
@@ -24,6 +25,7 @@ import functools
 import http.server
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -45,6 +47,14 @@ VIEWPORT = {"width": 1280, "height": 800}
 #: course's figures never set them smaller. On screen they must be at least this many CSS pixels.
 TICK_LABEL_POINTS = 10.0
 MIN_TICK_LABEL_PX = 9.0
+
+#: An output area this tall with nothing in it is a blank gap (a hidden progress bar left 250 px).
+BLANK_OUTPUT_PX = 40
+
+#: Paths of the machine that built the site: home folders, this checkout, temporary folders.
+MACHINE_PATH = re.compile(
+    "(" + "|".join([re.escape(str(REPO_ROOT)), r"/home/\w+", r"/Users/\w+", r"/root/", r"/tmp/\w+", r"[A-Z]:\\Users"]) + r")[^\s'\"]*"
+)
 
 #: TeX that should never reach a reader as text once MathJax has run.
 RAW_TEX_MARKERS = ("\\frac", "\\sum", "\\mathcal", "\\operatorname", "\\lambda", "\\alpha", "$$")
@@ -82,7 +92,9 @@ def check_pages(site: Path, pages: Sequence[str], *, chromium: str | None = None
     text), `tables` (HTML tables), `page_errors` (uncaught JavaScript errors), `console_errors`,
     `outside_requests` (URLs not on the local server), `missing` (local files that answered 404),
     `figures` (PNG outputs of notebook cells, each with its on-screen `tick_label_px`) and
-    `small_figures` (those whose tick labels are below `MIN_TICK_LABEL_PX` in a `VIEWPORT`-sized window).
+    `small_figures` (those whose tick labels are below `MIN_TICK_LABEL_PX` in a `VIEWPORT`-sized window),
+    `machine_paths` (the build machine's paths in cell outputs) and `blank_outputs` (heights of empty
+    output areas at least `BLANK_OUTPUT_PX` tall).
     """
     from playwright.sync_api import sync_playwright
 
@@ -179,16 +191,26 @@ def _check_page(browser: Any, base: str, page_path: str, timeout_ms: int) -> dic
     }
     result["figures"] = _figures(page, base)
     result["small_figures"] = [f for f in result["figures"] if f["tick_label_px"] < MIN_TICK_LABEL_PX]
+    outputs = page.evaluate("() => [...document.querySelectorAll('.cell_output')].map(o => o.innerText).join('\\n')")
+    result["machine_paths"] = sorted({match.group(0) for match in MACHINE_PATH.finditer(outputs)})[:5]  # in outputs
+    result["blank_outputs"] = page.evaluate(
+        """(minimum) => [...document.querySelectorAll('.cell_output .output')]
+            .filter(o => !o.innerText.trim() && !o.querySelector('img, svg, table, mjx-container, iframe, canvas')
+                         && o.getBoundingClientRect().height >= minimum)
+            .map(o => Math.round(o.getBoundingClientRect().height))""",
+        BLANK_OUTPUT_PX,
+    )
     context.close()
     return result
 
 
 def problems(report: dict[str, dict]) -> list[str]:
     """One line per failure: raw TeX, a JavaScript error, a console error, an outside request, a 404,
-    a figure whose tick labels are too small to read."""
+    a figure whose tick labels are too small to read, a path of the build machine, a blank output gap."""
     lines = []
     for page, row in report.items():
-        for key in ("raw_tex", "page_errors", "console_errors", "outside_requests", "missing", "small_figures"):
+        for key in ("raw_tex", "page_errors", "console_errors", "outside_requests", "missing", "small_figures",
+                    "machine_paths", "blank_outputs"):  # fmt: skip
             if row[key]:
                 lines.append(f"{page}: {key} {row[key][:3]}")
     return lines
@@ -229,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for page, row in report.items():
         print(f"{page:60s} formulas {row['mathjax_rendered']:4d}  tables {row['tables']:3d}  raw TeX {len(row['raw_tex'])}  "
               f"errors {len(row['page_errors']) + len(row['console_errors'])}  outside {len(row['outside_requests'])}  "
-              f"figures {len(row['figures'])} (smallest tick labels {min((f['tick_label_px'] for f in row['figures']), default=0):.1f} px)")
+              + (f"figures {len(row['figures'])} (smallest tick labels {min(f['tick_label_px'] for f in row['figures']):.1f} px)"
+                 if row["figures"] else "no figures"))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))

@@ -3,7 +3,7 @@ scratch book of `conftest.scratch_site` served on 127.0.0.1, as a teacher's read
 course's site, with `scripts/check_site.py`'s checks: MathJax typesets every formula (no raw TeX
 left in the text), the results table is an HTML table, no JavaScript or console error, no request
 leaves the local server (the course is offline), no file is missing, a figure's tick labels are
-at least 9 px on screen.
+at least 9 px on screen, no path of the build machine and no blank gap in the outputs.
 
 `make test` installs Chromium where it can (`scripts/setup_browser.sh`); without it these tests
 are skipped with the command to run."""
@@ -70,6 +70,13 @@ def test_tick_label_size_from_the_png():
     assert check_site.tick_label_px(600, 1200, 80) == pytest.approx(10 * 80 / 72 / 2)
 
 
+def test_machine_paths_are_not_shown(scratch_site, browser_report):
+    """The scratch notebook prints an absolute path under the book and a temporary file's path."""
+    page = (scratch_site / "table.html").read_text()
+    assert "wrote results/x.json" in page and "read (a temporary folder)/bank.pt" in page
+    assert browser_report["table.html"]["machine_paths"] == []
+
+
 def test_a_widget_cell_says_where_to_use_it(scratch_site):
     page = (scratch_site / "table.html").read_text()
     assert page.count("application/vnd.jupyter.widget-view+json") == 1  # the scratch notebook's slider
@@ -78,8 +85,8 @@ def test_a_widget_cell_says_where_to_use_it(scratch_site):
 
 
 def test_the_checks_can_fail(scratch_site, tmp_path):
-    """A page with raw TeX, a script error, an outside request and a 15-inch figure squeezed to the
-    page's width is reported on all four."""
+    """A page with raw TeX, a script error, an outside request, a 15-inch figure squeezed to the
+    page's width, a home folder's path and a 250-px empty output is reported on each."""
     if check_site.find_chromium() is None:
         pytest.skip("no Chromium: run `sudo apt-get install -y chromium` (Debian/Ubuntu), then make test again")
     pytest.importorskip("playwright")
@@ -95,10 +102,13 @@ def test_the_checks_can_fail(scratch_site, tmp_path):
     (tmp_path / "bad.html").write_text(
         "<html><body><p>$$\\frac{a}{b}$$</p><script>const X = 1;</script><script>const X = 2;</script>"
         '<script src="https://cdn.example.org/lib.js"></script>'
-        '<div class="cell_output"><img src="wide.png" style="width: 690px"></div></body></html>'
+        '<div class="cell_output"><img src="wide.png" style="width: 690px"></div>'
+        '<div class="cell_output"><div class="output"><pre>wrote /home/alice/course/results/x.json</pre></div>'
+        '<div class="output" style="height: 250px"></div></div></body></html>'
     )
     row = check_site.check_pages(tmp_path, ["bad.html"])["bad.html"]
     assert row["raw_tex"] and row["page_errors"] and row["outside_requests"]
     (small,) = row["small_figures"]
     assert small["tick_label_px"] == pytest.approx(10 * 100 / 72 * 690 / 1500, abs=0.1)  # 6.4 px
     assert any("small_figures" in line for line in check_site.problems({"bad.html": row}))
+    assert row["machine_paths"] == ["/home/alice/course/results/x.json"] and row["blank_outputs"] == [250]
