@@ -216,16 +216,31 @@ def test_gradient_checkpointing_cuts_minilm_activation_memory(minilm_encoder):
     assert checkpointed.activation_bytes >= 6 * 2 * 32 * 384 * F32
 
 
+_LARGE_TEMPORARY = """
+import json, torch
+from course_lib.meters import measure_peak_process_memory
+size = 64 * 2**20  # 64 MiB
+def step():
+    block = torch.ones(size // 4)  # touched pages count in RSS
+    return float(block[-1])
+report = measure_peak_process_memory(step)
+print(json.dumps({"baseline": report.baseline_bytes, "peak": report.peak_bytes, "increase": report.increase_bytes}))
+"""
+
+
 def test_peak_process_memory_sees_a_large_temporary():
-    size = 64 * 2**20  # 64 MiB
+    """In a fresh process: in this one, memory that earlier tests freed but the allocator kept can
+    serve the temporary without a new page (the increase then reads 0, as the docstring warns;
+    seen once in a full `make test` run)."""
+    import json
+    import subprocess
+    import sys
 
-    def step():
-        block = torch.ones(size // F32)  # touched pages count in RSS
-        return float(block[-1])
-
-    report = measure_peak_process_memory(step)
-    assert report.peak_bytes >= report.baseline_bytes
-    assert report.increase_bytes >= 0.85 * size
+    result = subprocess.run([sys.executable, "-c", _LARGE_TEMPORARY], capture_output=True, text=True, timeout=120,
+                            check=True)  # fmt: skip
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["peak"] >= report["baseline"]
+    assert report["increase"] >= 0.85 * 64 * 2**20
     with pytest.raises(TypeError):
         measure_peak_process_memory(None)
 
