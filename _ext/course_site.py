@@ -18,7 +18,8 @@ A widget cell (ipywidgets) needs a running kernel to draw anything: on the stati
 is an empty placeholder (the widget scripts come from a CDN, which the offline site does not
 load, and the figure is drawn by Python). The placeholder gets a note saying so and where to use
 the widget; the static figure each of the course's widget notebooks draws before its widget
-stays as it is.
+stays as it is. Progress bars (tqdm's widgets, e.g. while transformers loads weights) are left
+out of the page: they are not something to interact with.
 
 Notebooks print where they wrote their results (`wrote /home/you/course/results/meft.json`): useful
 in JupyterLab, but on the site every reader would see the build machine's folders. Pages show
@@ -30,6 +31,7 @@ Checked in a real browser by `scripts/check_site.py` and `tests/test_browser_sit
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from pathlib import Path
@@ -64,6 +66,33 @@ def _without_machine_paths(app: Any, html: str) -> str:
     return html
 
 
+def _view_model(view: str) -> str | None:
+    """The model id a widget-view script refers to."""
+    found = re.search(r'"model_id":\s*"([^"]+)"', view)
+    return found.group(1) if found else None
+
+
+def _progress_bar_models(script_files: list) -> set[str]:
+    """Ids of the page's widget models that are progress bars (tqdm's: an HBox around a
+    FloatProgress), from the widget state myst-nb puts in the page's scripts."""
+    for script in script_files:
+        attributes = getattr(script, "attributes", {}) or {}
+        if attributes.get("type") != "application/vnd.jupyter.widget-state+json":
+            continue
+        try:
+            state = json.loads(attributes.get("body", ""))["state"]
+        except (ValueError, KeyError, TypeError):
+            return set()
+        progress = {"FloatProgressModel", "IntProgressModel"}
+        bars = {model for model, entry in state.items() if entry.get("model_name") in progress}
+        for model, entry in state.items():
+            children = entry.get("state", {}).get("children", [])
+            if any(str(child).removeprefix("IPY_MODEL_") in bars for child in children):
+                bars.add(model)
+        return bars
+    return set()
+
+
 def _execution(app: Any, docname: str) -> dict | None:
     """myst-nb's execution record of a notebook page: None when it was not executed at all."""
     data = getattr(app.env, "nb_metadata", {}).get(docname, {}).get("exec_data")
@@ -92,7 +121,11 @@ def _offline_page(app: Any, pagename: str, templatename: str, context: dict, doc
         not_executed = _not_executed(app)
         if pagename in not_executed:
             context["body"] = NOT_EXECUTED.format(reason=not_executed[pagename]) + body
-        context["body"] = WIDGET_VIEW.sub(lambda match: match.group(0) + WIDGET_NOTE, context["body"])
+        progress_bars = _progress_bar_models(context.get("script_files") or [])
+        context["body"] = WIDGET_VIEW.sub(
+            lambda match: "" if _view_model(match.group(0)) in progress_bars else match.group(0) + WIDGET_NOTE,
+            context["body"],
+        )
         context["body"] = _without_machine_paths(app, context["body"])
         if getattr(app.env, "nb_metadata", {}).get(pagename, {}).get("has_exec_table"):  # myst-nb's nb-exec-table
             listed = "".join(f"<li><code>{name}</code>: {reason}</li>" for name, reason in not_executed.items())

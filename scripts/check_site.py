@@ -10,8 +10,10 @@ fonts and the search index load as they would from any web server.
     python scripts/check_site.py --site DIR page.html other.html
 
 Also: every notebook figure's tick labels on screen (a 1280 x 800 window), paths of the machine
-that built the site in cell outputs, and blank gaps left by empty outputs. Exit status 1 when a
-page has any of these problems. Chromium comes from the system (Debian: `apt-get install chromium`; `CHROMIUM=/path` to choose another);
+that built the site in cell outputs, blank gaps left by empty outputs, error outputs and
+tracebacks, widget cells without a static figure before them, and each page's title; a
+full-page screenshot of each page goes to `_build/browser/`. Exit status 1 when a page has any
+of these problems. Chromium comes from the system (Debian: `apt-get install chromium`; `CHROMIUM=/path` to choose another);
 Playwright drives it (`playwright install` is never needed). `tests/test_browser_site.py` runs the
 same checks on a scratch book.
 """
@@ -85,7 +87,8 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def check_pages(site: Path, pages: Sequence[str], *, chromium: str | None = None, timeout_ms: int = 30_000) -> dict[str, dict]:
+def check_pages(site: Path, pages: Sequence[str], *, chromium: str | None = None, timeout_ms: int = 30_000,
+                screenshots: Path | None = None) -> dict[str, dict]:  # fmt: skip
     """Open each page (a path relative to `site`) and report what a reader gets.
 
     Per page: `mathjax_rendered` (typeset formulas), `raw_tex` (TeX markers left in the visible
@@ -94,7 +97,10 @@ def check_pages(site: Path, pages: Sequence[str], *, chromium: str | None = None
     `figures` (PNG outputs of notebook cells, each with its on-screen `tick_label_px`) and
     `small_figures` (those whose tick labels are below `MIN_TICK_LABEL_PX` in a `VIEWPORT`-sized window),
     `machine_paths` (the build machine's paths in cell outputs) and `blank_outputs` (heights of empty
-    output areas at least `BLANK_OUTPUT_PX` tall).
+    output areas at least `BLANK_OUTPUT_PX` tall), `title` and `title_matches` (the browser tab's
+    title begins with the page's first heading), `error_outputs` (cell outputs that are errors or
+    tracebacks), `widgets_without_figure` (widget cells with no figure in the two cells before
+    them). With `screenshots`, a full-page PNG of each page goes there for a person to look at.
     """
     from playwright.sync_api import sync_playwright
 
@@ -106,7 +112,7 @@ def check_pages(site: Path, pages: Sequence[str], *, chromium: str | None = None
         browser = playwright.chromium.launch(executable_path=chromium, args=list(CHROMIUM_FLAGS))
         try:
             for page_path in pages:
-                report[page_path] = _check_page(browser, base, page_path, timeout_ms)
+                report[page_path] = _check_page(browser, base, page_path, timeout_ms, screenshots)
         finally:
             browser.close()
     return report
@@ -159,7 +165,7 @@ def _figures(page: Any, base: str) -> list[dict[str, Any]]:
     return figures
 
 
-def _check_page(browser: Any, base: str, page_path: str, timeout_ms: int) -> dict[str, Any]:
+def _check_page(browser: Any, base: str, page_path: str, timeout_ms: int, screenshots: Path | None = None) -> dict[str, Any]:
     context = browser.new_context(viewport=VIEWPORT)
     page = context.new_page()
     found: dict[str, list[str]] = {"page_errors": [], "console_errors": [], "outside_requests": [], "missing": []}
@@ -200,19 +206,48 @@ def _check_page(browser: Any, base: str, page_path: str, timeout_ms: int) -> dic
             .map(o => Math.round(o.getBoundingClientRect().height))""",
         BLANK_OUTPUT_PX,
     )
+    heading = page.evaluate("() => { const h = document.querySelector('main h1, article h1, h1'); "
+                            "return h ? h.innerText.replace(/[#¶]/g, '').trim() : ''; }")  # fmt: skip
+    result["title"] = page.title()
+    result["title_matches"] = bool(heading) and result["title"].startswith(heading)
+    result["error_outputs"] = page.evaluate(
+        """() => [...document.querySelectorAll('.cell_output .output')]
+            .filter(o => o.classList.contains('error') || o.classList.contains('traceback')
+                         || o.innerText.includes('Traceback (most recent call last)'))
+            .map(o => o.innerText.slice(0, 120))"""
+    )
+    result["widgets_without_figure"] = page.evaluate(
+        """() => [...document.querySelectorAll('.course-widget-offline')]
+            .map(note => note.closest('.cell')).filter(cell => cell).filter(cell => {
+                let previous = cell.previousElementSibling, seen = 0;
+                while (previous && seen < 2) {
+                    if (previous.classList.contains('cell')) {
+                        if (previous.querySelector('.cell_output img')) return false;
+                        seen += 1;
+                    }
+                    previous = previous.previousElementSibling;
+                }
+                return true; }).length"""
+    )
+    if screenshots is not None:
+        screenshots.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshots / (page_path.replace("/", "__").removesuffix(".html") + ".png")), full_page=True)
     context.close()
     return result
 
 
 def problems(report: dict[str, dict]) -> list[str]:
     """One line per failure: raw TeX, a JavaScript error, a console error, an outside request, a 404,
-    a figure whose tick labels are too small to read, a path of the build machine, a blank output gap."""
+    a figure whose tick labels are too small to read, a path of the build machine, a blank output
+    gap, an error output, a widget with no figure before it, a title that is not the page's."""
     lines = []
     for page, row in report.items():
         for key in ("raw_tex", "page_errors", "console_errors", "outside_requests", "missing", "small_figures",
-                    "machine_paths", "blank_outputs"):  # fmt: skip
-            if row[key]:
-                lines.append(f"{page}: {key} {row[key][:3]}")
+                    "machine_paths", "blank_outputs", "error_outputs", "widgets_without_figure"):  # fmt: skip
+            if row.get(key):
+                lines.append(f"{page}: {key} {row[key][:3] if isinstance(row[key], list) else row[key]}")
+        if "title_matches" in row and not row["title_matches"]:
+            lines.append(f"{page}: title {row.get('title')!r} does not begin with the page's first heading")
     return lines
 
 
@@ -242,12 +277,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("pages", nargs="*", help="pages relative to the site (default: every page of toc.yml)")
     parser.add_argument("--site", type=Path, default=REPO_ROOT / "_build" / "html")
     parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument("--screenshots", type=Path, default=REPO_ROOT / "_build" / "browser",
+                        help="a full-page PNG of each page goes here (default _build/browser)")  # fmt: skip
     args = parser.parse_args(argv)
     if not (args.site / "index.html").exists():
         print(f"check_site: no built site in {args.site}: run `make book` first", file=sys.stderr)
         return 2
     pages = args.pages or toc_pages()
-    report = check_pages(args.site, pages)
+    report = check_pages(args.site, pages, screenshots=args.screenshots)
     for page, row in report.items():
         print(f"{page:60s} formulas {row['mathjax_rendered']:4d}  tables {row['tables']:3d}  raw TeX {len(row['raw_tex'])}  "
               f"errors {len(row['page_errors']) + len(row['console_errors'])}  outside {len(row['outside_requests'])}  "

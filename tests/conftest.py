@@ -18,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def scratch_site(tmp_path_factory) -> Path:
     """A small book built with book.yml's parse and sphinx settings (the course's own extension
     included): a Markdown page with inline and display math, an executed notebook with a formula,
-    a Markdown results table, an ipywidgets slider, printed machine paths and a 10-inch matplotlib figure, a notebook whose execution fails, and a
+    a Markdown results table, printed machine paths, a 10-inch matplotlib figure, a tqdm progress bar and an ipywidgets slider, a notebook whose execution fails, and a
     page with the execution-times table. Returns its _build/html.
     The course's own pages are built by `make book`; this checks the settings in seconds."""
     jupyter_book = Path(sys.executable).parent / "jupyter-book"
@@ -38,11 +38,12 @@ def scratch_site(tmp_path_factory) -> Path:
         nbformat.v4.new_markdown_cell("# Results\n\nA formula $W + \\frac{\\alpha}{r} B A$."),
         nbformat.v4.new_code_cell("from IPython.display import Markdown, display\n"
                                   "display(Markdown('| method | acc |\\n| --- | ---: |\\n| LoRA | 0.9 |'))"),
-        nbformat.v4.new_code_cell("import ipywidgets\nipywidgets.IntSlider(value=3, max=10)"),
         nbformat.v4.new_code_cell("import os, tempfile\nprint('wrote', os.path.abspath('results/x.json'))\n"
                                   "print('read', os.path.join(tempfile.mkdtemp(), 'bank.pt'))"),  # machine paths
         nbformat.v4.new_code_cell("import matplotlib.pyplot as plt\nfig, ax = plt.subplots(figsize=(10, 3))\n"
                                   "ax.plot([1, 2, 3], [3, 1, 2])\nplt.show()"),  # as wide as the course's figures may be
+        nbformat.v4.new_code_cell("from tqdm.auto import tqdm\nfor _ in tqdm(range(3), disable=False):\n    pass"),  # a progress bar
+        nbformat.v4.new_code_cell("import ipywidgets\nipywidgets.IntSlider(value=3, max=10)"),
     ])  # fmt: skip
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(notebook, root / "table.ipynb")

@@ -77,16 +77,19 @@ def test_machine_paths_are_not_shown(scratch_site, browser_report):
     assert browser_report["table.html"]["machine_paths"] == []
 
 
-def test_a_widget_cell_says_where_to_use_it(scratch_site):
+def test_a_widget_cell_says_where_to_use_it(scratch_site, browser_report):
     page = (scratch_site / "table.html").read_text()
-    assert page.count("application/vnd.jupyter.widget-view+json") == 1  # the scratch notebook's slider
+    assert page.count("application/vnd.jupyter.widget-view+json") == 1  # the slider; the progress bar is left out
     assert page.count("course-widget-offline") == 1 and "make lab" in page
     assert "course-widget-offline" not in (scratch_site / "intro.html").read_text()
+    assert browser_report["table.html"]["widgets_without_figure"] == 0  # the figure comes two cells before it
+    assert browser_report["table.html"]["title_matches"] and browser_report["table.html"]["error_outputs"] == []
 
 
 def test_the_checks_can_fail(scratch_site, tmp_path):
     """A page with raw TeX, a script error, an outside request, a 15-inch figure squeezed to the
-    page's width, a home folder's path and a 250-px empty output is reported on each."""
+    page's width, a home folder's path, a 250-px empty output, a traceback, a widget without a
+    figure before it and a title that is not its heading is reported on each."""
     if check_site.find_chromium() is None:
         pytest.skip("no Chromium: run `sudo apt-get install -y chromium` (Debian/Ubuntu), then make test again")
     pytest.importorskip("playwright")
@@ -104,7 +107,10 @@ def test_the_checks_can_fail(scratch_site, tmp_path):
         '<script src="https://cdn.example.org/lib.js"></script>'
         '<div class="cell_output"><img src="wide.png" style="width: 690px"></div>'
         '<div class="cell_output"><div class="output"><pre>wrote /home/alice/course/results/x.json</pre></div>'
-        '<div class="output" style="height: 250px"></div></div></body></html>'
+        '<div class="output" style="height: 250px"></div></div>'
+        '<div class="cell"><div class="cell_output"><div class="output error"><pre>Traceback (most recent call last): boom</pre>'
+        '</div></div></div><div class="cell"><div class="admonition course-widget-offline">widget</div></div>'
+        "<h1>Results</h1><title>Something else</title></body></html>"
     )
     row = check_site.check_pages(tmp_path, ["bad.html"])["bad.html"]
     assert row["raw_tex"] and row["page_errors"] and row["outside_requests"]
@@ -112,3 +118,4 @@ def test_the_checks_can_fail(scratch_site, tmp_path):
     assert small["tick_label_px"] == pytest.approx(10 * 100 / 72 * 690 / 1500, abs=0.1)  # 6.4 px
     assert any("small_figures" in line for line in check_site.problems({"bad.html": row}))
     assert row["machine_paths"] == ["/home/alice/course/results/x.json"] and row["blank_outputs"] == [250]
+    assert row["error_outputs"] and row["widgets_without_figure"] == 1 and not row["title_matches"]
