@@ -21,9 +21,9 @@ step, measured with `course_lib.meters.measure_phase_peaks`) and predicts the la
 a `PeakCostModel`. Each phase's peak is a sum of tensors of the same shapes as above (saved
 activations, the gradients written so far, one layer's temporaries), but *which* tensors are live
 at the phase's peak may change with the sizes too, so the peak grid is taken where activations
-dominate (B in {2, 4}, T in {32, 64, 128}) and the fit is checked off the grid (measured on
-2026-12-06: full fine-tuning 1.1% low at 32 x 128 x 6 and 1.2% low at 16 x 128 x 6, where
-notebook 30 checks it; LoRA, checkpointing and MEFT1 within 0.1%).
+dominate (B in {2, 4}, T in {32, 64, 128}) and the fit is checked off the grid: notebook 30
+prints the error at notebook 32's batch (16 x 128, 6 layers) and asserts it under 3%;
+tests/test_meft_memory_costs.py holds LoRA and MEFT1 to 2% at 6 x 64, 4 layers.
 
 Derived in notebooks/part4_meft/30_where_memory_goes.ipynb.
 """
@@ -215,7 +215,8 @@ def fit_peak_costs(
 
     Same models and grid rules as `fit_activation_costs`; the default grid is larger because a
     phase's peak must be made of the same tensors on the whole grid for the fit to extrapolate
-    (on B in {1, 2}, T in {8, 16, 32} MEFT1's backward peak is predicted 3x too high at 32 x 128).
+    (on the saved-bytes grid B in {1, 2}, T in {8, 16, 32}, MEFT1's backward peak extrapolates badly:
+    notebook 30's exercise 6).
     About 0.6 s per grid point on one CPU thread (notebook 30's 72 points and 3 checks: about 50 s).
 
     Derived in notebooks/part4_meft/30_where_memory_goes.ipynb.
