@@ -6,11 +6,12 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: help setup browser test unit nbval book check-site lab bench data lock clean train-distributed
+.PHONY: help setup browser test unit nbval site-test test-browser book check-site lab bench data lock clean train-distributed
 
 help:
 	@echo "make book   execute the course on the embedded defaults and build the site (_build/html)"
-	@echo "make test   unit tests (browser tests of the site in headless Chromium included), then every notebook under nbval in fast mode"
+	@echo "make test   unit tests, every notebook under nbval in fast mode, then every page of the site built from those runs in headless Chromium"
+	@echo "make test-browser  the browser tests alone: scratch book, JupyterLab's widgets, the whole site (fast mode)"
 	@echo "make check-site  open every page of the built site in headless Chromium and report what a reader sees"
 	@echo "make lab    open JupyterLab on the course"
 	@echo "make bench  run the benchmarks (results/bench/*.json)"
@@ -35,10 +36,27 @@ browser:
 unit: $(STAMP) data browser
 	$(PY) -m pytest tests -q
 
+# nbval also stores each notebook that passes, with its outputs, in a jupyter-cache
+# (scripts/nbval_cache.py) from which site-test builds the whole site without running anything again.
+FAST_SITE = _build/fast
 nbval: $(STAMP) data
-	COURSE_FAST=1 $(PY) -m pytest --nbval-lax notebooks -q -p no:cacheprovider
+	rm -rf $(FAST_SITE)/.jupyter_cache
+	COURSE_FAST=1 TQDM_DISABLE=1 $(PY) -m pytest --nbval-lax notebooks -q -p no:cacheprovider \
+	  -p scripts.nbval_cache --nbval-cache $(FAST_SITE)/.jupyter_cache
 
-test: unit nbval
+# Every page of toc.yml, built from nbval's fast-mode executions, opened in headless Chromium
+# (scripts/check_site.py): stops with the command to run where Chromium cannot be had.
+site-test: $(STAMP) browser
+	$(PY) scripts/build_fast_site.py --cache $(FAST_SITE)/.jupyter_cache --out $(FAST_SITE)
+	$(PY) scripts/check_site.py --site $(FAST_SITE)/_build/html --expect-figures-from $(FAST_SITE)/.jupyter_cache \
+	  --json results/site_check_fast.json
+
+test: unit nbval site-test
+
+# The browser tests alone: the scratch book and JupyterLab's widgets, then the whole site
+test-browser: $(STAMP) data browser
+	$(PY) -m pytest -q tests/test_browser_site.py tests/test_book_site.py tests/test_jupyterlab_browser.py
+	$(MAKE) nbval site-test
 
 # Full mode: COURSE_FAST is removed from the environment of the build. The notebooks are first
 # executed into Jupyter Book's cache, BOOK_WORKERS at a time (most use one thread), then the

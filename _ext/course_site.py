@@ -19,7 +19,9 @@ is an empty placeholder (the widget scripts come from a CDN, which the offline s
 load, and the figure is drawn by Python). The placeholder gets a note saying so and where to use
 the widget; the static figure each of the course's widget notebooks draws before its widget
 stays as it is. Progress bars (tqdm's widgets, e.g. while transformers loads weights) are left
-out of the page: they are not something to interact with.
+out of the page: they are not something to interact with; so are widgets that the saved state
+does not hold (closed before the notebook ended, as a tqdm bar with `leave=False` is when the
+notebook's state is read at its end, `scripts/nbval_cache.py`).
 
 Notebooks print where they wrote their results (`wrote /home/you/course/results/meft.json`): useful
 in JupyterLab, but on the site every reader would see the build machine's folders. Pages show
@@ -72,25 +74,40 @@ def _view_model(view: str) -> str | None:
     return found.group(1) if found else None
 
 
-def _progress_bar_models(script_files: list) -> set[str]:
-    """Ids of the page's widget models that are progress bars (tqdm's: an HBox around a
-    FloatProgress), from the widget state myst-nb puts in the page's scripts."""
+def _saved_widget_state(script_files: list) -> dict | None:
+    """The widget models' state saved with the page's notebook (model id -> entry), from the
+    script myst-nb puts in the page; None when the notebook saved none."""
     for script in script_files:
         attributes = getattr(script, "attributes", {}) or {}
         if attributes.get("type") != "application/vnd.jupyter.widget-state+json":
             continue
         try:
-            state = json.loads(attributes.get("body", ""))["state"]
+            return dict(json.loads(attributes.get("body", ""))["state"])
         except (ValueError, KeyError, TypeError):
-            return set()
-        progress = {"FloatProgressModel", "IntProgressModel"}
-        bars = {model for model, entry in state.items() if entry.get("model_name") in progress}
-        for model, entry in state.items():
-            children = entry.get("state", {}).get("children", [])
-            if any(str(child).removeprefix("IPY_MODEL_") in bars for child in children):
-                bars.add(model)
-        return bars
-    return set()
+            return None
+    return None
+
+
+def _progress_bar_models(state: dict) -> set[str]:
+    """Ids of the widget models that are progress bars (tqdm's: an HBox around a FloatProgress)."""
+    progress = {"FloatProgressModel", "IntProgressModel"}
+    bars = {model for model, entry in state.items() if entry.get("model_name") in progress}
+    for model, entry in state.items():
+        children = entry.get("state", {}).get("children", [])
+        if any(str(child).removeprefix("IPY_MODEL_") in bars for child in children):
+            bars.add(model)
+    return bars
+
+
+def _shown_widget(view: str, state: dict | None) -> str:
+    """What the page shows for a widget view: nothing for a progress bar, nor for a widget the
+    saved state does not hold (closed before the notebook ended, e.g. a tqdm bar with
+    leave=False: JupyterLab shows nothing there either); else the view and a note on using it."""
+    if state is not None:
+        model = _view_model(view)
+        if model not in state or model in _progress_bar_models(state):
+            return ""
+    return view + WIDGET_NOTE
 
 
 def _execution(app: Any, docname: str) -> dict | None:
@@ -121,11 +138,8 @@ def _offline_page(app: Any, pagename: str, templatename: str, context: dict, doc
         not_executed = _not_executed(app)
         if pagename in not_executed:
             context["body"] = NOT_EXECUTED.format(reason=not_executed[pagename]) + body
-        progress_bars = _progress_bar_models(context.get("script_files") or [])
-        context["body"] = WIDGET_VIEW.sub(
-            lambda match: "" if _view_model(match.group(0)) in progress_bars else match.group(0) + WIDGET_NOTE,
-            context["body"],
-        )
+        state = _saved_widget_state(context.get("script_files") or [])
+        context["body"] = WIDGET_VIEW.sub(lambda match: _shown_widget(match.group(0), state), context["body"])
         context["body"] = _without_machine_paths(app, context["body"])
         if getattr(app.env, "nb_metadata", {}).get(pagename, {}).get("has_exec_table"):  # myst-nb's nb-exec-table
             listed = "".join(f"<li><code>{name}</code>: {reason}</li>" for name, reason in not_executed.items())

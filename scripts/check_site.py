@@ -9,7 +9,9 @@ fonts and the search index load as they would from any web server.
     python scripts/check_site.py                 # _build/html, every page of toc.yml
     python scripts/check_site.py --site DIR page.html other.html
 
-Also: every notebook figure's tick labels on screen (a 1280 x 800 window), paths of the machine
+Also: every notebook figure's tick labels on screen (a 1280 x 800 window), figures that did not
+load (and, with `--expect-figures-from CACHE`, any image of the executed notebook not shown), a
+notebook the build did not execute, paths of the machine
 that built the site in cell outputs, blank gaps left by empty outputs, error outputs and
 tracebacks, widget cells without a static figure before them, and each page's title; a
 full-page screenshot of each page goes to `_build/browser/`. Exit status 1 when a page has any
@@ -32,6 +34,7 @@ import shutil
 import struct
 import sys
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -96,6 +99,8 @@ def check_pages(site: Path, pages: Sequence[str], *, chromium: str | None = None
     `outside_requests` (URLs not on the local server), `missing` (local files that answered 404),
     `figures` (PNG outputs of notebook cells, each with its on-screen `tick_label_px`) and
     `small_figures` (those whose tick labels are below `MIN_TICK_LABEL_PX` in a `VIEWPORT`-sized window),
+    `broken_images` (output images that did not load or have no size), `not_executed` (the page carries
+    the notice of a notebook the build did not execute),
     `machine_paths` (the build machine's paths in cell outputs) and `blank_outputs` (heights of empty
     output areas at least `BLANK_OUTPUT_PX` tall), `title` and `title_matches` (the browser tab's
     title begins with the page's first heading), `error_outputs` (cell outputs that are errors or
@@ -196,6 +201,13 @@ def _check_page(browser: Any, base: str, page_path: str, timeout_ms: int, screen
         **found,
     }
     result["figures"] = _figures(page, base)
+    result["output_images"] = page.locator(".cell_output img").count()
+    result["broken_images"] = page.evaluate(  # a figure that did not load, or has no size on the page
+        """() => [...document.querySelectorAll('.cell_output img')]
+            .filter(image => !image.complete || image.naturalWidth === 0 || image.getBoundingClientRect().width === 0)
+            .map(image => (image.getAttribute('src') || '').slice(0, 80))"""
+    )
+    result["not_executed"] = page.locator(".course-not-executed").count() > 0  # _ext/course_site.py's notice
     result["small_figures"] = [f for f in result["figures"] if f["tick_label_px"] < MIN_TICK_LABEL_PX]
     outputs = page.evaluate("() => [...document.querySelectorAll('.cell_output')].map(o => o.innerText).join('\\n')")
     result["machine_paths"] = sorted({match.group(0) for match in MACHINE_PATH.finditer(outputs)})[:5]  # in outputs
@@ -238,17 +250,44 @@ def _check_page(browser: Any, base: str, page_path: str, timeout_ms: int, screen
 
 def problems(report: dict[str, dict]) -> list[str]:
     """One line per failure: raw TeX, a JavaScript error, a console error, an outside request, a 404,
-    a figure whose tick labels are too small to read, a path of the build machine, a blank output
+    a figure whose tick labels are too small to read, a figure that did not load or is not shown, a notebook the
+    build did not execute, a path of the build machine, a blank output
     gap, an error output, a widget with no figure before it, a title that is not the page's."""
     lines = []
     for page, row in report.items():
         for key in ("raw_tex", "page_errors", "console_errors", "outside_requests", "missing", "small_figures",
-                    "machine_paths", "blank_outputs", "error_outputs", "widgets_without_figure"):  # fmt: skip
+                    "broken_images", "figures_not_shown", "not_executed", "machine_paths", "blank_outputs", "error_outputs",
+                    "widgets_without_figure"):  # fmt: skip
             if row.get(key):
                 lines.append(f"{page}: {key} {row[key][:3] if isinstance(row[key], list) else row[key]}")
         if "title_matches" in row and not row["title_matches"]:
             lines.append(f"{page}: title {row.get('title')!r} does not begin with the page's first heading")
     return lines
+
+
+def expected_figures(cache: Path) -> dict[str, int]:
+    """Per page of toc.yml, the images the executed notebook in jupyter-cache `cache` holds in its
+    outputs (PNG, JPEG or SVG): the site must show each of them."""
+    import nbformat
+    from jupyter_cache import get_cache
+
+    store = get_cache(str(cache))
+    expected = {}
+    for page in toc_pages():
+        source = REPO_ROOT / Path(page).with_suffix(".ipynb")
+        if not source.exists():
+            continue
+        try:
+            with warnings.catch_warnings():  # the course's notebooks predate cell ids: nbformat warns
+                warnings.simplefilter("ignore")
+                notebook = nbformat.read(source, as_version=4)
+            record = store.match_cache_notebook(notebook)
+        except KeyError:
+            continue  # not executed: the page's notice says so, and `not_executed` reports it
+        notebook = store.get_cache_bundle(record.pk).nb
+        expected[page] = sum(1 for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])
+                             if {"image/png", "image/jpeg", "image/svg+xml"} & set(output.get("data", {})))  # fmt: skip
+    return expected
 
 
 def toc_pages(toc: Path = REPO_ROOT / "toc.yml") -> list[str]:
@@ -279,17 +318,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the report here")
     parser.add_argument("--screenshots", type=Path, default=REPO_ROOT / "_build" / "browser",
                         help="a full-page PNG of each page goes here (default _build/browser)")  # fmt: skip
+    parser.add_argument("--expect-figures-from", type=Path, metavar="CACHE",
+                        help="the jupyter-cache the site was built from: each page must show every image its notebook's outputs hold")  # fmt: skip
     args = parser.parse_args(argv)
     if not (args.site / "index.html").exists():
         print(f"check_site: no built site in {args.site}: run `make book` first", file=sys.stderr)
         return 2
+    if find_chromium() is None:
+        print("check_site: no Chromium to open the site with. Install it (Debian/Ubuntu: "
+              "`sudo apt-get update && sudo apt-get install -y chromium`; elsewhere your package manager's "
+              "chromium) or set CHROMIUM=/path/to/chromium, then run this again", file=sys.stderr)  # fmt: skip
+        return 2
     pages = args.pages or toc_pages()
     report = check_pages(args.site, pages, screenshots=args.screenshots)
+    if args.expect_figures_from:  # every figure of the executed notebooks is on its page
+        for page, count in expected_figures(args.expect_figures_from).items():
+            if page in report:
+                report[page]["figures_expected"] = count
+                report[page]["figures_not_shown"] = max(0, count - report[page]["output_images"])
     for page, row in report.items():
         print(f"{page:60s} formulas {row['mathjax_rendered']:4d}  tables {row['tables']:3d}  raw TeX {len(row['raw_tex'])}  "
               f"errors {len(row['page_errors']) + len(row['console_errors'])}  outside {len(row['outside_requests'])}  "
-              + (f"figures {len(row['figures'])} (smallest tick labels {min(f['tick_label_px'] for f in row['figures']):.1f} px)"
-                 if row["figures"] else "no figures"))
+              + (f"figures {len(row['figures'])}" + (f" of {row['figures_expected']}" if "figures_expected" in row else "")
+                 + (f" (smallest tick labels {min(f['tick_label_px'] for f in row['figures']):.1f} px)" if row["figures"] else "")))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))

@@ -37,3 +37,25 @@ def test_a_notebook_the_build_could_not_execute_says_so(scratch_site):
     assert "Not executed in this build" not in (scratch_site / "table.html").read_text()
     times = (scratch_site / "times.html").read_text()
     assert "Left out of the table, not executed in this build" in times and "<code>broken</code>" in times
+
+
+def test_widget_views_the_static_site_keeps():
+    """A control gets a note on where to use it; a progress bar, and a widget the saved state does
+    not hold (closed before the notebook ended, as tqdm's leave=False bars are), are left out."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "_ext"))
+    import course_site
+
+    def view(model: str) -> str:
+        return f'<script type="application/vnd.jupyter.widget-view+json">{{"model_id": "{model}"}}</script>'
+
+    state = {"bar": {"model_name": "HBoxModel", "state": {"children": ["IPY_MODEL_progress"]}},
+             "progress": {"model_name": "FloatProgressModel", "state": {}},
+             "slider": {"model_name": "IntSliderModel", "state": {}}}  # fmt: skip
+    assert course_site._shown_widget(view("slider"), state) == view("slider") + course_site.WIDGET_NOTE
+    assert course_site._shown_widget(view("bar"), state) == ""
+    assert course_site._shown_widget(view("closed"), state) == ""
+    # no saved state at all (a notebook saved without it): every view is kept, with the note
+    assert course_site._shown_widget(view("closed"), None) == view("closed") + course_site.WIDGET_NOTE
