@@ -99,7 +99,8 @@ def check_pages(site: Path, pages: Sequence[str], *, chromium: str | None = None
     `outside_requests` (URLs not on the local server), `missing` (local files that answered 404),
     `figures` (PNG outputs of notebook cells, each with its on-screen `tick_label_px`) and
     `small_figures` (those whose tick labels are below `MIN_TICK_LABEL_PX` in a `VIEWPORT`-sized window),
-    `broken_images` (output images that did not load or have no size), `not_executed` (the page carries
+    `diagrams` (images of the text, not of outputs), `broken_images` (images of the text or the outputs
+    that did not load or have no size), `not_executed` (the page carries
     the notice of a notebook the build did not execute),
     `machine_paths` (the build machine's paths in cell outputs) and `blank_outputs` (heights of empty
     output areas at least `BLANK_OUTPUT_PX` tall), `title` and `title_matches` (the browser tab's
@@ -202,8 +203,9 @@ def _check_page(browser: Any, base: str, page_path: str, timeout_ms: int, screen
     }
     result["figures"] = _figures(page, base)
     result["output_images"] = page.locator(".cell_output img").count()
-    result["broken_images"] = page.evaluate(  # a figure that did not load, or has no size on the page
-        """() => [...document.querySelectorAll('.cell_output img')]
+    result["diagrams"] = page.locator("article img:not(.cell_output img)").count()  # Markdown images: the diagrams
+    result["broken_images"] = page.evaluate(  # a figure or diagram that did not load, or has no size on the page
+        """() => [...document.querySelectorAll('article img')]
             .filter(image => !image.complete || image.naturalWidth === 0 || image.getBoundingClientRect().width === 0)
             .map(image => (image.getAttribute('src') || '').slice(0, 80))"""
     )
@@ -265,16 +267,17 @@ def problems(report: dict[str, dict]) -> list[str]:
     return lines
 
 
-def expected_figures(cache: Path) -> dict[str, int]:
-    """Per page of toc.yml, the images the executed notebook in jupyter-cache `cache` holds in its
-    outputs (PNG, JPEG or SVG): the site must show each of them."""
+def expected_figures(cache: Path, pages: Sequence[str], root: Path = REPO_ROOT) -> dict[str, int]:
+    """Per page (its HTML path; its notebook is the same path under `root` with .ipynb), the images
+    the executed notebook in jupyter-cache `cache` holds in its outputs (PNG, JPEG or SVG): the
+    site must show each of them."""
     import nbformat
     from jupyter_cache import get_cache
 
     store = get_cache(str(cache))
     expected = {}
-    for page in toc_pages():
-        source = REPO_ROOT / Path(page).with_suffix(".ipynb")
+    for page in pages:
+        source = root / Path(page).with_suffix(".ipynb")
         if not source.exists():
             continue
         try:
@@ -332,13 +335,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     pages = args.pages or toc_pages()
     report = check_pages(args.site, pages, screenshots=args.screenshots)
     if args.expect_figures_from:  # every figure of the executed notebooks is on its page
-        for page, count in expected_figures(args.expect_figures_from).items():
+        for page, count in expected_figures(args.expect_figures_from, pages).items():
             if page in report:
                 report[page]["figures_expected"] = count
                 report[page]["figures_not_shown"] = max(0, count - report[page]["output_images"])
     for page, row in report.items():
         print(f"{page:60s} formulas {row['mathjax_rendered']:4d}  tables {row['tables']:3d}  raw TeX {len(row['raw_tex'])}  "
               f"errors {len(row['page_errors']) + len(row['console_errors'])}  outside {len(row['outside_requests'])}  "
+              + (f"diagrams {row['diagrams']}  " if row.get("diagrams") else "")
               + (f"figures {len(row['figures'])}" + (f" of {row['figures_expected']}" if "figures_expected" in row else "")
                  + (f" (smallest tick labels {min(f['tick_label_px'] for f in row['figures']):.1f} px)" if row["figures"] else "")))
     if args.json:

@@ -110,6 +110,8 @@ def test_the_checks_can_fail(scratch_site, tmp_path):
         '<div class="output" style="height: 250px"></div></div>'
         '<div class="cell"><div class="cell_output"><div class="output error"><pre>Traceback (most recent call last): boom</pre>'
         '</div></div></div><div class="cell"><div class="admonition course-widget-offline">widget</div></div>'
+        '<article><img src="missing-diagram.svg" alt="a diagram"><div class="cell_output"><img src="missing.png"></div>'
+        '<div class="admonition warning course-not-executed">Not executed in this build</div></article>'
         "<h1>Results</h1><title>Something else</title></body></html>"
     )
     row = check_site.check_pages(tmp_path, ["bad.html"])["bad.html"]
@@ -119,3 +121,28 @@ def test_the_checks_can_fail(scratch_site, tmp_path):
     assert any("small_figures" in line for line in check_site.problems({"bad.html": row}))
     assert row["machine_paths"] == ["/home/alice/course/results/x.json"] and row["blank_outputs"] == [250]
     assert row["error_outputs"] and row["widgets_without_figure"] == 1 and not row["title_matches"]
+    assert row["diagrams"] == 1 and row["broken_images"] == ["missing-diagram.svg", "missing.png"] and row["not_executed"]
+    assert {url.rsplit("/", 1)[-1] for url in row["missing"]} >= {"missing-diagram.svg", "missing.png"}
+
+
+def test_every_figure_of_the_executed_notebook_is_expected_on_its_page(tmp_path):
+    """`--expect-figures-from`: the images of a notebook's outputs in the jupyter-cache the site was
+    built from, per page (a figure the site drops is then reported as `figures_not_shown`)."""
+    import nbformat
+    from jupyter_cache import get_cache
+
+    png = {"image/png": "iVBORw0KGgo=", "text/plain": "<Figure>"}
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("plot()"), nbformat.v4.new_code_cell("two()")])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    (tmp_path / "part").mkdir()
+    nbformat.write(notebook, tmp_path / "part" / "page.ipynb")
+    executed = nbformat.from_dict(notebook)
+    for number, cell in enumerate(executed.cells, start=1):
+        cell.execution_count = number
+        cell.outputs = [nbformat.v4.new_output("display_data", data=png)] * number  # 1 + 2 images
+    cache = get_cache(str(tmp_path / "cache"))
+    from jupyter_cache.base import CacheBundleIn
+
+    cache.cache_notebook_bundle(CacheBundleIn(executed, str(tmp_path / "part" / "page.ipynb")), check_validity=False)
+    pages = ["part/page.html", "part/not_a_notebook.html"]
+    assert check_site.expected_figures(tmp_path / "cache", pages, root=tmp_path) == {"part/page.html": 3}
