@@ -73,6 +73,26 @@ def test_every_notebook_is_in_the_table_of_contents_and_the_readme():
         assert path.name in readme, f"{path.name} is missing from the README's course map"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_cell_has_its_own_id(path):
+    """nbformat 4.5 cells carry an id; a cell added without one makes nbformat warn on every read
+    (and a future nbformat refuse the notebook)."""
+    notebook = json.loads(path.read_text())
+    ids = [cell.get("id") for cell in notebook["cells"]]
+    assert None not in ids, f"cells {[i for i, cell_id in enumerate(ids) if cell_id is None]} have no id"
+    assert len(set(ids)) == len(ids), "two cells share an id"
+
+
+def test_notebook_00s_course_map_has_a_row_for_every_notebook():
+    """The course map a learner opens first stays in step with toc.yml: one row per notebook."""
+    welcome = json.loads((ROOT / "notebooks" / "00_welcome.ipynb").read_text())
+    course_map = next("".join(cell["source"]) for cell in welcome["cells"]
+                      if "".join(cell["source"]).startswith("## The course map"))  # fmt: skip
+    rows = re.findall(r"^\| \d \| `(\w+)` \|", course_map, re.M)
+    notebooks = [Path(entry).name for entry in _toc_files() if (ROOT / f"{entry}.ipynb").exists()]
+    assert rows == [name for name in notebooks if name != "00_welcome"]
+
+
 def test_every_toc_entry_exists():
     for entry in _toc_files():
         candidates = [ROOT / f"{entry}{suffix}" for suffix in (".ipynb", ".md")]
