@@ -1,13 +1,20 @@
-"""The learning-rate sweep behind notebook 02's table: every method of the PEFT zoo trained with
-the notebook's budget (2 epochs of 1,280 sentences, batch 32, AdamW, 10% warm-up, linear decay,
-seed 0) at each candidate rate, and scored on the validation split (the test split is not
-looked at). Notebook 02 reads `results/bench/lr_sweep.json`, prints it and checks that its
-chosen rates are the sweep's best.
+"""The learning-rate sweeps behind notebooks 02 and 32 (and 22, which trains with notebook 02's rates).
+
+`--notebook 02` (the default): every method of the PEFT zoo trained with notebook 02's budget (2
+epochs of 1,280 sentences, batch 32, AdamW, 10% warm-up, linear decay, seed 0) at each candidate
+rate, scored on the validation split (the test split is not looked at). Writes
+`results/bench/lr_sweep.json`; notebook 02 prints it and checks that its chosen rates are the
+sweep's best, and notebook 22 cites it for the rates its course recipe takes from notebook 02.
+
+`--notebook 32`: LoRA, the Pfeiffer adapter and MEFT1-3 with notebook 32's budget (4 epochs, the
+rest as above) at each candidate rate; writes `results/bench/lr_sweep_meft.json`. Notebook 32
+trains LoRA and the adapter at the rates this sweep picks, and MEFT1-3 at one untuned rate: the
+sweep says what tuning MEFT's rate would change.
 
 - `validation_accuracy[method][lr]`, `best_lr[method]` (ties: the smaller rate);
-- `notebook_lr[method]`: the rate notebook 02 trains with; `agrees[method]`.
+- `notebook_lr[method]`: the rate the notebook trains with; `agrees[method]`.
 
-    .venv/bin/python -m benchmarks.lr_sweep [--workers 2]     # 30 runs of about notebook 02's length each (not yet timed)
+    .venv/bin/python -m benchmarks.lr_sweep [--notebook 02|32] [--workers 2]
 """
 
 from __future__ import annotations
@@ -40,6 +47,18 @@ METHODS: dict[str, tuple[str, dict[str, Any], float, tuple[float, ...]]] = {
     "(IA)³": ("peft", {"method": "ia3"}, 1e-1, (1e-2, 3e-2, 1e-1, 3e-1)),
 }  # fmt: skip
 
+#: notebook 32's methods: (build_method's name, its options, the notebook's rate, the candidates)
+MEFT_METHODS: dict[str, tuple[str, dict[str, Any], float, tuple[float, ...]]] = {
+    "lora": ("lora", {}, 3e-3, (3e-3, 5e-3, 1e-2)),
+    "adapter": ("adapter", {}, 5e-3, (3e-3, 5e-3, 1e-2)),
+    "meft1": ("meft1", {}, 1e-2, (3e-3, 1e-2, 3e-2)),
+    "meft2": ("meft2", {}, 1e-2, (3e-3, 1e-2, 3e-2)),
+    "meft3": ("meft3", {}, 1e-2, (3e-3, 1e-2, 3e-2)),
+}  # fmt: skip
+
+#: per notebook: its methods, epochs (fast, full), the JSON's name
+NOTEBOOKS = {"02": (METHODS, (1, 2), NAME), "32": (MEFT_METHODS, (1, 4), "lr_sweep_meft")}
+
 
 @functools.lru_cache(maxsize=1)
 def _setup() -> tuple[Any, Any, Any]:
@@ -58,22 +77,27 @@ def _setup() -> tuple[Any, Any, Any]:
     return task, load_tokenizer(), load_classifier(task.num_labels)
 
 
-def run(method: str, lr: float) -> tuple[str, float, float]:
-    """Train `method` at `lr` with notebook 02's budget; (method, lr, validation accuracy)."""
+def run(notebook: str, method: str, lr: float) -> tuple[str, float, float]:
+    """Train `method` at `lr` with the notebook's budget; (method, lr, validation accuracy)."""
+    from course_lib.meft import build_method
     from course_lib.peft import inject_peft
     from course_lib.text import make_loader
     from course_lib.train import evaluate, set_seed, train
 
     task, tokenizer, pretrained = _setup()
-    kind, options, _, _ = METHODS[method]
-    set_seed(SEED)  # as notebook 02's make_model
-    model = copy.deepcopy(pretrained)
-    if kind == "head":
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(name.startswith("classifier."))
-    elif kind == "peft":
-        inject_peft(model, **options)
-    batch_size, num_epochs = fast_or_full(16, 32), fast_or_full(1, 2)
+    methods, epochs, _ = NOTEBOOKS[notebook]
+    kind, options, _, _ = methods[method]
+    set_seed(SEED)  # as notebook 02's make_model and notebook 32's fine_tune
+    if notebook == "32":
+        model = build_method(kind, pretrained.eval(), **options)
+    else:
+        model = copy.deepcopy(pretrained)
+        if kind == "head":
+            for name, parameter in model.named_parameters():
+                parameter.requires_grad_(name.startswith("classifier."))
+        elif kind == "peft":
+            inject_peft(model, **options)
+    batch_size, num_epochs = fast_or_full(16, 32), fast_or_full(*epochs)
     loader = make_loader(task.train, tokenizer, batch_size=batch_size, shuffle=True, seed=SEED)
     train(model, loader, num_epochs=num_epochs, lr=lr, warmup_ratio=0.1, seed=SEED, progress=False)
     accuracy = evaluate(model, make_loader(task.validation, tokenizer, batch_size=128))["accuracy"]
@@ -83,24 +107,28 @@ def run(method: str, lr: float) -> tuple[str, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--notebook", choices=sorted(NOTEBOOKS), default="02", help="whose sweep (default 02)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), help="a subset of notebook 02's methods")
+    parser.add_argument("--methods", nargs="*", help="a subset of the notebook's methods (default: all)")
     args = parser.parse_args()
-    unknown = [m for m in args.methods if m not in METHODS]
+    methods, epochs, name = NOTEBOOKS[args.notebook]
+    args.methods = args.methods or list(methods)
+    unknown = [m for m in args.methods if m not in methods]
     if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    jobs = [(method, lr) for method in args.methods for lr in METHODS[method][3]]
+        raise SystemExit(f"unknown methods {unknown} for notebook {args.notebook}; choose from {list(methods)}")
+    jobs = [(args.notebook, method, lr) for method in args.methods for lr in methods[method][3]]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         results = list(pool.map(run, *zip(*jobs)))
     accuracy: dict[str, dict[str, float]] = {method: {} for method in args.methods}
     for method, lr, value in results:
         accuracy[method][f"{lr:g}"] = value
     best = {method: min((float(lr) for lr, v in scores.items() if v == max(scores.values()))) for method, scores in accuracy.items()}
-    notebook = {method: METHODS[method][2] for method in args.methods}
-    write_bench(NAME, {
+    notebook = {method: methods[method][2] for method in args.methods}
+    write_bench(name, {
         "validation_accuracy": accuracy, "best_lr": best, "notebook_lr": notebook,
         "agrees": {method: best[method] == notebook[method] for method in args.methods},
-        "budget": {"num_epochs": fast_or_full(1, 2), "batch_size": fast_or_full(16, 32), "seed": SEED,
+        "notebook": args.notebook,
+        "budget": {"num_epochs": fast_or_full(*epochs), "batch_size": fast_or_full(16, 32), "seed": SEED,
                    "warmup_ratio": 0.1, "scheduler": "linear", "split": "validation"},
         "fast": fast_or_full(True, False), "workers": args.workers, **torch_environment(),
     })  # fmt: skip
