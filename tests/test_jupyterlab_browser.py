@@ -5,13 +5,18 @@ and headless Chromium (Debian's, driven by Playwright) on 127.0.0.1.
   build that downloads ~139 MB and fails offline; the set-up's page config
   (`scripts/jupyterlab_page_config.json`, copied into the venv's labconfig) turns the build check
   off. Without that file the dialog appears (checked by hand when this test was written).
-- A course widget works in the real front end: the point-neighbourhood explorer of notebook 10
-  renders, and moving its first slider with the keyboard redraws its figure.
+- The three widget notebooks (10: point neighbourhoods, 20: sparsity histograms, 30: memory
+  curves), copied to a scratch folder, are opened and run from the first cell to the last in fast
+  mode (JupyterLab's "Run All Cells"), with no error output; then each widget is driven as a
+  learner would (a slider moved with the keyboard, a dropdown changed) and its figure must be
+  redrawn (the image's data changes).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +24,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import nbformat
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -28,10 +32,13 @@ import check_site  # scripts/ is not a package: imported by path
 
 pytestmark = pytest.mark.slow
 TOKEN = "course-test"
-WIDGET_CELL = """import numpy as np
-from course_lib.widgets.neighbourhood import make_neighbourhood_widget
-points = np.random.default_rng(0).normal(size=(400, 3))
-make_neighbourhood_widget({"blob": points}, k=8, num_centres=4)"""
+#: notebook -> (the kind of control to move, its label); each notebook has one widget
+WIDGET_NOTEBOOKS = {
+    "part2_point_peft/10_point_clouds.ipynb": ("slider", "centre"),
+    "part3_deft/20_activation_sparsity.ipynb": ("dropdown", "layer"),
+    "part4_meft/30_where_memory_goes.ipynb": ("slider", "batch B"),
+}
+RUN_ALL_SECONDS = 300  # fast mode: 6-22 s per notebook under nbval; room for a slow or busy machine
 
 
 def _free_port() -> int:
@@ -41,33 +48,41 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def lab_page(tmp_path_factory):
-    """A JupyterLab server on a scratch folder with one notebook, and a Chromium page on it."""
+def lab(tmp_path_factory):
+    """A JupyterLab server on a scratch copy of the notebooks (fast mode), and Chromium: yields
+    (browser, base URL)."""
     pytest.importorskip("playwright", reason="Playwright is in requirements.lock: run make setup")
     chromium = check_site.find_chromium()
     if chromium is None:
         pytest.skip("no Chromium: run `sudo apt-get install -y chromium` (Debian/Ubuntu), then make test again")
     from playwright.sync_api import sync_playwright
 
-    root = tmp_path_factory.mktemp("lab")
-    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(WIDGET_CELL)])
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(notebook, root / "widget.ipynb")
+    root = tmp_path_factory.mktemp("lab") / "notebooks"
+    shutil.copytree(REPO_ROOT / "notebooks", root, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
     port = _free_port()
     command = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
                f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}", "--LabApp.news_url=",
-               "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]  # fmt: skip
+               "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+               "--LabApp.expose_app_in_browser=True"]  # fmt: skip  (window.jupyterapp: its commands)
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         command.append("--allow-root")
-    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(root / "runtime"), COURSE_FAST="1")
+    # the server's own settings: every cell rendered (JupyterLab 4 otherwise leaves cells out of view
+    # out of the page), the learner's settings in ~/.jupyter untouched
+    settings = root.parent / "settings"
+    tracker = settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings"
+    tracker.parent.mkdir(parents=True)
+    tracker.write_text(json.dumps({"windowingMode": "none"}))
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(root.parent / "runtime"), JUPYTERLAB_SETTINGS_DIR=str(settings),
+               JUPYTERLAB_WORKSPACES_DIR=str(root.parent / "workspaces"), COURSE_FAST="1", TQDM_DISABLE="1")  # fmt: skip
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
             if server.poll() is not None:
                 pytest.fail("JupyterLab exited at start:\n" + server.stdout.read()[-3000:])
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status?token={TOKEN}", timeout=2)
+                urllib.request.urlopen(f"{base}/api/status?token={TOKEN}", timeout=2)
                 break
             except OSError:
                 if time.monotonic() > deadline:
@@ -75,11 +90,7 @@ def lab_page(tmp_path_factory):
                 time.sleep(0.5)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium, args=list(check_site.CHROMIUM_FLAGS))
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{port}/lab/tree/widget.ipynb?token={TOKEN}", timeout=120_000)
-            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
-            time.sleep(3)  # the build check, when on, opens its dialog about a second after the notebook
-            yield page
+            yield browser, base
             browser.close()
     finally:
         server.terminate()
@@ -89,21 +100,75 @@ def lab_page(tmp_path_factory):
             server.kill()
 
 
-def test_no_build_dialog_when_a_notebook_opens(lab_page):
-    assert lab_page.locator(".jp-Dialog").count() == 0, lab_page.locator(".jp-Dialog").all_inner_texts()
+def _open(lab, notebook: str):
+    """A fresh page with `notebook` open (`reset`: no tabs restored from an earlier page)."""
+    browser, base = lab
+    page = browser.new_page(viewport=check_site.VIEWPORT)
+    page.goto(f"{base}/lab/tree/{notebook}?reset&token={TOKEN}", timeout=120_000)
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+    page.wait_for_function("() => window.jupyterapp && window.jupyterapp.commands", timeout=60_000)
+    return page
 
 
-def test_course_widget_redraws_its_figure_when_a_slider_moves(lab_page):
-    lab_page.click(".jp-Cell .jp-InputArea-editor")
-    lab_page.keyboard.press("Shift+Enter")  # run the cell: the explorer appears with its first figure
-    picture = lab_page.locator(".jp-OutputArea-output img").first
-    picture.wait_for(timeout=120_000)
-    before = picture.get_attribute("src")
-    handle = lab_page.locator(".widget-slider .noUi-handle").first
-    handle.focus()
-    lab_page.keyboard.press("ArrowRight")  # one step of the first slider
-    lab_page.wait_for_function(
-        "before => { const img = document.querySelector('.jp-OutputArea-output img'); return img && img.src !== before; }",
-        arg=before, timeout=60_000,
-    )
-    assert lab_page.locator(".jp-OutputArea-output img").first.get_attribute("src") != before
+def _shut_down_kernels(lab) -> None:
+    """Every kernel of the server stopped (REST API), so the next notebook has the CPU to itself."""
+    _, base = lab
+    with urllib.request.urlopen(f"{base}/api/kernels?token={TOKEN}", timeout=10) as answer:
+        kernels = json.load(answer)
+    for kernel in kernels:
+        request = urllib.request.Request(f"{base}/api/kernels/{kernel['id']}?token={TOKEN}", method="DELETE")
+        urllib.request.urlopen(request, timeout=30).close()
+
+
+def test_no_build_dialog_when_a_notebook_opens(lab):
+    page = _open(lab, next(iter(WIDGET_NOTEBOOKS)))
+    time.sleep(3)  # the build check, when on, opens its dialog about a second after the notebook
+    try:
+        assert page.locator(".jp-Dialog").count() == 0, page.locator(".jp-Dialog").all_inner_texts()
+    finally:
+        page.close()
+
+
+@pytest.mark.parametrize("notebook", list(WIDGET_NOTEBOOKS))
+def test_widget_notebook_runs_and_its_widget_redraws(lab, notebook):
+    kind, label = WIDGET_NOTEBOOKS[notebook]
+    page = _open(lab, notebook)
+    try:
+        page.wait_for_function("() => window.jupyterapp.shell.currentWidget && "
+                               "window.jupyterapp.shell.currentWidget.sessionContext.isReady", timeout=120_000)  # fmt: skip
+        page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        # done: every code cell of the notebook's model has an execution count, and the kernel is idle
+        page.wait_for_function(
+            """() => { const panel = window.jupyterapp.shell.currentWidget;
+                       const kernel = panel.sessionContext.session && panel.sessionContext.session.kernel;
+                       const code = [...panel.content.model.cells].filter(cell => cell.type === 'code');
+                       return code.length > 0 && code.every(cell => cell.executionCount) && kernel && kernel.status === 'idle'; }""",
+            timeout=RUN_ALL_SECONDS * 1000,
+        )
+        errors = page.evaluate(  # error outputs anywhere in the notebook (a failing cell stops Run All)
+            """() => [...window.jupyterapp.shell.currentWidget.content.model.cells].flatMap(cell =>
+                   cell.type === 'code' ? cell.outputs.toJSON().filter(o => o.output_type === 'error')
+                                                     .map(o => o.ename + ': ' + o.evalue) : [])"""
+        )
+        assert errors == [], errors
+        errors = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')
+        picture = page.locator(".widget-output img").first  # the figure inside the widget
+        picture.wait_for(timeout=60_000)
+        before = picture.get_attribute("src")
+        if kind == "slider":
+            control = page.locator(".widget-slider", has=page.locator(".widget-label", has_text=label)).first
+            control.locator(".noUi-handle").focus()
+            page.keyboard.press("ArrowRight")  # one step, as a learner's arrow key
+        else:
+            control = page.locator(".widget-dropdown", has=page.locator(".widget-label", has_text=label)).first
+            control.locator("select").select_option(index=1)
+        page.wait_for_function(
+            "before => { const img = document.querySelector('.widget-output img'); return img && img.src !== before; }",
+            arg=before, timeout=60_000,
+        )
+        assert page.locator(".widget-output img").first.get_attribute("src") != before
+        tracebacks = [text[:300] for text in errors.all_inner_texts() if "Traceback" in text]
+        assert tracebacks == [], tracebacks  # the widget's callback raised nothing
+    finally:
+        page.close()
+        _shut_down_kernels(lab)
