@@ -26,6 +26,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import json
+import queue
 import time
 import warnings
 from collections import defaultdict
@@ -112,7 +113,10 @@ def widget_state(kernel: Any, timeout: float = 60.0) -> dict | None:
     msg_id = kernel.kc.execute("", silent=True, store_history=False, user_expressions={"state": WIDGET_STATE_EXPRESSION})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        reply = kernel.kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
+        try:
+            reply = kernel.kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:  # no answer in time: the notebook is stored without widget state
+            return None
         if reply["parent_header"].get("msg_id") != msg_id:
             continue
         result = reply["content"].get("user_expressions", {}).get("state", {})
