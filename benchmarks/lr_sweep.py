@@ -36,14 +36,14 @@ NAME = "lr_sweep"
 #: notebook 02's methods: (how to make it, inject_peft options, the notebook's rate, the candidates)
 METHODS: dict[str, tuple[str, dict[str, Any], float, tuple[float, ...]]] = {
     "full fine-tuning": ("full", {}, 2e-4, (5e-5, 1e-4, 2e-4, 5e-4)),
-    "head only": ("head", {}, 3e-1, (3e-2, 1e-1, 3e-1, 1.0)),
+    "head only": ("head", {}, 3e-1, (1e-2, 3e-2, 1e-1, 3e-1, 1.0)),
     "LoRA (r=8, query+value)": ("peft", {"method": "lora", "r": 8, "alpha": 16}, 1e-2, (2e-3, 5e-3, 1e-2, 2e-2)),
     "Pfeiffer adapters": ("peft", {"method": "adapter", "placement": "pfeiffer"}, 1e-2, (2e-3, 5e-3, 1e-2, 3e-2)),
     "prefix tuning (P=20)": ("peft", {"method": "prefix_tuning", "num_virtual_tokens": 20}, 1e-1,
                              (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)),
     "prompt tuning (P=20)": ("peft", {"method": "prompt_tuning", "num_virtual_tokens": 20, "init": "vocab"}, 1e-1,
-                             (3e-2, 1e-1, 3e-1)),
-    "BitFit": ("peft", {"method": "bitfit"}, 3e-3, (1e-3, 3e-3, 1e-2)),
+                             (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)),
+    "BitFit": ("peft", {"method": "bitfit"}, 3e-3, (1e-3, 3e-3, 1e-2, 3e-2)),
     "(IA)³": ("peft", {"method": "ia3"}, 1e-1, (1e-2, 3e-2, 1e-1, 3e-1)),
 }  # fmt: skip
 
@@ -110,28 +110,54 @@ def main() -> None:
     parser.add_argument("--notebook", choices=sorted(NOTEBOOKS), default="02", help="whose sweep (default 02)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--methods", nargs="*", help="a subset of the notebook's methods (default: all)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the accuracies an earlier run of the same sweep (same notebook, budget and mode) "
+                             "measured, and train only the (method, rate) pairs it lacks, e.g. after a grid was extended")  # fmt: skip
     args = parser.parse_args()
     methods, epochs, name = NOTEBOOKS[args.notebook]
     args.methods = args.methods or list(methods)
     unknown = [m for m in args.methods if m not in methods]
     if unknown:
         raise SystemExit(f"unknown methods {unknown} for notebook {args.notebook}; choose from {list(methods)}")
-    jobs = [(args.notebook, method, lr) for method in args.methods for lr in methods[method][3]]
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        results = list(pool.map(run, *zip(*jobs)))
+    budget = {"num_epochs": fast_or_full(*epochs), "batch_size": fast_or_full(16, 32), "seed": SEED,
+              "warmup_ratio": 0.1, "scheduler": "linear", "split": "validation"}  # fmt: skip
+    earlier = _earlier_accuracies(name, budget) if args.reuse else {}
     accuracy: dict[str, dict[str, float]] = {method: {} for method in args.methods}
+    reused = []
+    for method in args.methods:
+        for lr in methods[method][3]:
+            if f"{lr:g}" in earlier.get(method, {}):
+                accuracy[method][f"{lr:g}"] = earlier[method][f"{lr:g}"]
+                reused.append(f"{method} @ {lr:g}")
+    jobs = [(args.notebook, method, lr) for method in args.methods for lr in methods[method][3] if f"{lr:g}" not in accuracy[method]]
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        results = list(pool.map(run, *zip(*jobs))) if jobs else []
     for method, lr, value in results:
         accuracy[method][f"{lr:g}"] = value
+    accuracy = {method: dict(sorted(scores.items(), key=lambda item: float(item[0]))) for method, scores in accuracy.items()}
     best = {method: min((float(lr) for lr, v in scores.items() if v == max(scores.values()))) for method, scores in accuracy.items()}
     notebook = {method: methods[method][2] for method in args.methods}
     write_bench(name, {
         "validation_accuracy": accuracy, "best_lr": best, "notebook_lr": notebook,
         "agrees": {method: best[method] == notebook[method] for method in args.methods},
-        "notebook": args.notebook,
-        "budget": {"num_epochs": fast_or_full(*epochs), "batch_size": fast_or_full(16, 32), "seed": SEED,
-                   "warmup_ratio": 0.1, "scheduler": "linear", "split": "validation"},
+        "notebook": args.notebook, "budget": budget, "trained": len(jobs), "reused_from_earlier_run": reused,
         "fast": fast_or_full(True, False), "workers": args.workers, **torch_environment(),
     })  # fmt: skip
+
+
+def _earlier_accuracies(name: str, budget: dict) -> dict[str, dict[str, float]]:
+    """The validation accuracies of an earlier run of this sweep with the same budget and mode, if any."""
+    import json
+
+    from course_lib.results import results_path
+
+    path = results_path(name, subdir="bench")
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    if earlier.get("budget") != budget or earlier.get("fast") != fast_or_full(True, False):
+        return {}
+    return earlier.get("validation_accuracy", {})
 
 
 if __name__ == "__main__":
