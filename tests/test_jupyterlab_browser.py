@@ -100,18 +100,18 @@ def lab(tmp_path_factory):
             server.kill()
 
 
-def _open(lab, notebook: str):
-    """A fresh page with `notebook` open (`reset`: no tabs restored from an earlier page)."""
+def _open(lab, notebook: str, workspace: str):
+    """A fresh page with `notebook` open, in its own workspace (`reset`: no tabs restored)."""
     browser, base = lab
     page = browser.new_page(viewport=check_site.VIEWPORT)
-    page.goto(f"{base}/lab/tree/{notebook}?reset&token={TOKEN}", timeout=120_000)
+    page.goto(f"{base}/lab/workspaces/{workspace}/tree/{notebook}?reset&token={TOKEN}", timeout=120_000)
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
     page.wait_for_function("() => window.jupyterapp && window.jupyterapp.commands", timeout=60_000)
     return page
 
 
 def _shut_down_kernels(lab) -> None:
-    """Every kernel of the server stopped (REST API), so the next notebook has the CPU to itself."""
+    """Every kernel of the server stopped (REST API)."""
     _, base = lab
     with urllib.request.urlopen(f"{base}/api/kernels?token={TOKEN}", timeout=10) as answer:
         kernels = json.load(answer)
@@ -120,55 +120,65 @@ def _shut_down_kernels(lab) -> None:
         urllib.request.urlopen(request, timeout=30).close()
 
 
-def test_no_build_dialog_when_a_notebook_opens(lab):
-    page = _open(lab, next(iter(WIDGET_NOTEBOOKS)))
-    time.sleep(3)  # the build check, when on, opens its dialog about a second after the notebook
+@pytest.fixture(scope="module")
+def running(lab):
+    """The three widget notebooks, each opened in its own page and set running (Run All Cells) at
+    once, so that their kernels share the machine; yields ({notebook: page}, dialogs seen on opening)."""
+    pages, dialogs = {}, []
     try:
-        assert page.locator(".jp-Dialog").count() == 0, page.locator(".jp-Dialog").all_inner_texts()
+        for number, notebook in enumerate(WIDGET_NOTEBOOKS):
+            page = pages[notebook] = _open(lab, notebook, workspace=f"course-test-{number}")
+            if number == 0:
+                time.sleep(3)  # the build check, when on, opens its dialog about a second after the notebook
+                dialogs = page.locator(".jp-Dialog").all_inner_texts()
+            page.wait_for_function("() => window.jupyterapp.shell.currentWidget && "
+                                   "window.jupyterapp.shell.currentWidget.sessionContext.isReady", timeout=120_000)  # fmt: skip
+            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        yield pages, dialogs
     finally:
-        page.close()
+        for page in pages.values():
+            page.close()
+        _shut_down_kernels(lab)
+
+
+def test_no_build_dialog_when_a_notebook_opens(running):
+    _, dialogs = running
+    assert dialogs == []
 
 
 @pytest.mark.parametrize("notebook", list(WIDGET_NOTEBOOKS))
-def test_widget_notebook_runs_and_its_widget_redraws(lab, notebook):
+def test_widget_notebook_runs_and_its_widget_redraws(running, notebook):
     kind, label = WIDGET_NOTEBOOKS[notebook]
-    page = _open(lab, notebook)
-    try:
-        page.wait_for_function("() => window.jupyterapp.shell.currentWidget && "
-                               "window.jupyterapp.shell.currentWidget.sessionContext.isReady", timeout=120_000)  # fmt: skip
-        page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-        # done: every code cell of the notebook's model has an execution count, and the kernel is idle
-        page.wait_for_function(
-            """() => { const panel = window.jupyterapp.shell.currentWidget;
-                       const kernel = panel.sessionContext.session && panel.sessionContext.session.kernel;
-                       const code = [...panel.content.model.cells].filter(cell => cell.type === 'code');
-                       return code.length > 0 && code.every(cell => cell.executionCount) && kernel && kernel.status === 'idle'; }""",
-            timeout=RUN_ALL_SECONDS * 1000,
-        )
-        errors = page.evaluate(  # error outputs anywhere in the notebook (a failing cell stops Run All)
-            """() => [...window.jupyterapp.shell.currentWidget.content.model.cells].flatMap(cell =>
-                   cell.type === 'code' ? cell.outputs.toJSON().filter(o => o.output_type === 'error')
-                                                     .map(o => o.ename + ': ' + o.evalue) : [])"""
-        )
-        assert errors == [], errors
-        errors = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')
-        picture = page.locator(".widget-output img").first  # the figure inside the widget
-        picture.wait_for(timeout=60_000)
-        before = picture.get_attribute("src")
-        if kind == "slider":
-            control = page.locator(".widget-slider", has=page.locator(".widget-label", has_text=label)).first
-            control.locator(".noUi-handle").focus()
-            page.keyboard.press("ArrowRight")  # one step, as a learner's arrow key
-        else:
-            control = page.locator(".widget-dropdown", has=page.locator(".widget-label", has_text=label)).first
-            control.locator("select").select_option(index=1)
-        page.wait_for_function(
-            "before => { const img = document.querySelector('.widget-output img'); return img && img.src !== before; }",
-            arg=before, timeout=60_000,
-        )
-        assert page.locator(".widget-output img").first.get_attribute("src") != before
-        tracebacks = [text[:300] for text in errors.all_inner_texts() if "Traceback" in text]
-        assert tracebacks == [], tracebacks  # the widget's callback raised nothing
-    finally:
-        page.close()
-        _shut_down_kernels(lab)
+    page = running[0][notebook]
+    # done: every code cell of the notebook's model has an execution count, and the kernel is idle
+    page.wait_for_function(
+        """() => { const panel = window.jupyterapp.shell.currentWidget;
+                   const kernel = panel.sessionContext.session && panel.sessionContext.session.kernel;
+                   const code = [...panel.content.model.cells].filter(cell => cell.type === 'code');
+                   return code.length > 0 && code.every(cell => cell.executionCount) && kernel && kernel.status === 'idle'; }""",
+        timeout=RUN_ALL_SECONDS * 1000,
+    )
+    errors = page.evaluate(  # error outputs anywhere in the notebook (a failing cell stops Run All)
+        """() => [...window.jupyterapp.shell.currentWidget.content.model.cells].flatMap(cell =>
+               cell.type === 'code' ? cell.outputs.toJSON().filter(o => o.output_type === 'error')
+                                                 .map(o => o.ename + ': ' + o.evalue) : [])"""
+    )
+    assert errors == [], errors
+    errors = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')
+    picture = page.locator(".widget-output img").first  # the figure inside the widget
+    picture.wait_for(timeout=60_000)
+    before = picture.get_attribute("src")
+    if kind == "slider":
+        control = page.locator(".widget-slider", has=page.locator(".widget-label", has_text=label)).first
+        control.locator(".noUi-handle").focus()
+        page.keyboard.press("ArrowRight")  # one step, as a learner's arrow key
+    else:
+        control = page.locator(".widget-dropdown", has=page.locator(".widget-label", has_text=label)).first
+        control.locator("select").select_option(index=1)
+    page.wait_for_function(
+        "before => { const img = document.querySelector('.widget-output img'); return img && img.src !== before; }",
+        arg=before, timeout=60_000,
+    )
+    assert page.locator(".widget-output img").first.get_attribute("src") != before
+    tracebacks = [text[:300] for text in errors.all_inner_texts() if "Traceback" in text]
+    assert tracebacks == [], tracebacks  # the widget's callback raised nothing
