@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 from course_lib.meters.timing import interleaved_median_seconds, median_seconds
 from course_lib.results import results_path, write_json
 
-__all__ = ["median_seconds", "interleaved_median_seconds", "write_bench"]
+__all__ = ["interleaved_median_seconds", "median_seconds", "text_task_and_classifier", "torch_environment", "write_bench"]
 
 
 def write_bench(name: str, payload: dict[str, Any]) -> Path:
@@ -33,3 +34,26 @@ def torch_environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "device": "cpu",
     }
+
+
+@functools.lru_cache(maxsize=1)
+def text_task_and_classifier() -> tuple[Any, Any, Any]:
+    """Notebooks 02's and 32's text task (1,280 / 300 / 500 sentences; 16 / 16 / 32 in fast mode),
+    the tokenizer and the pre-trained classifier with its head initialised after `set_seed(SEED)`,
+    as those notebooks make them; once per (worker) process, with one torch thread."""
+    import warnings
+
+    import torch
+    from transformers.utils import logging
+
+    from course_lib.config import SEED, fast_or_full
+    from course_lib.text import load_classifier, load_tokenizer, make_sentiment_task
+    from course_lib.train import set_seed
+
+    logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    torch.set_num_threads(1)
+    num_train, num_validation, num_test = fast_or_full((16, 16, 32), (1280, 300, 500))
+    task = make_sentiment_task(num_train, num_validation, num_test, seed=SEED)
+    set_seed(SEED)
+    return task, load_tokenizer(), load_classifier(task.num_labels)

@@ -21,14 +21,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-import torch
-
-from benchmarks.common import torch_environment, write_bench
+from benchmarks.common import text_task_and_classifier, torch_environment, write_bench
 from course_lib.config import SEED, fast_or_full
 
 NAME = "lr_sweep"
@@ -60,23 +56,6 @@ MEFT_METHODS: dict[str, tuple[str, dict[str, Any], float, tuple[float, ...]]] = 
 NOTEBOOKS = {"02": (METHODS, (1, 2), NAME), "32": (MEFT_METHODS, (1, 4), "lr_sweep_meft")}
 
 
-@functools.lru_cache(maxsize=1)
-def _setup() -> tuple[Any, Any, Any]:
-    """The task, tokenizer and pre-trained classifier, once per worker process (notebook 02's)."""
-    from transformers.utils import logging
-
-    from course_lib.text import load_classifier, load_tokenizer, make_sentiment_task
-    from course_lib.train import set_seed
-
-    logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    torch.set_num_threads(1)
-    num_train, num_validation, num_test = fast_or_full((16, 16, 32), (1280, 300, 500))
-    task = make_sentiment_task(num_train, num_validation, num_test, seed=SEED)
-    set_seed(SEED)
-    return task, load_tokenizer(), load_classifier(task.num_labels)
-
-
 def run(notebook: str, method: str, lr: float) -> tuple[str, float, float]:
     """Train `method` at `lr` with the notebook's budget; (method, lr, validation accuracy)."""
     from course_lib.meft import build_method
@@ -84,7 +63,7 @@ def run(notebook: str, method: str, lr: float) -> tuple[str, float, float]:
     from course_lib.text import make_loader
     from course_lib.train import evaluate, set_seed, train
 
-    task, tokenizer, pretrained = _setup()
+    task, tokenizer, pretrained = text_task_and_classifier()
     methods, epochs, _ = NOTEBOOKS[notebook]
     kind, options, _, _ = methods[method]
     set_seed(SEED)  # as notebook 02's make_model and notebook 32's fine_tune

@@ -21,15 +21,11 @@ Full mode: 7 recipes x 3 seeds, each about one of notebook 32's runs (one thread
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-import torch
-
-from benchmarks.common import torch_environment, write_bench
+from benchmarks.common import text_task_and_classifier, torch_environment, write_bench
 from course_lib.config import fast_or_full
 
 NAME = "meft_seeds"
@@ -47,29 +43,13 @@ RECIPES: dict[str, tuple[str, dict[str, Any], float]] = {
 MEFTS = ("meft1", "meft2", "meft3")
 
 
-@functools.lru_cache(maxsize=1)
-def _setup() -> tuple[Any, Any, Any]:
-    """Notebook 32's task, tokenizer and pre-trained classifier, once per worker process."""
-    from transformers.utils import logging
-
-    from course_lib.config import SEED
-    from course_lib.text import load_classifier, load_tokenizer, make_sentiment_task
-
-    logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    torch.set_num_threads(1)
-    num_train, num_validation, num_test = fast_or_full((16, 16, 32), (1280, 300, 500))
-    task = make_sentiment_task(num_train, num_validation, num_test, seed=SEED)  # the data set is seed 0's, as in the notebook
-    return task, load_tokenizer(), load_classifier(task.num_labels).eval()
-
-
 def run(name: str, seed: int) -> tuple[str, int, float]:
     """One recipe on one seed, as notebook 32's fine_tune trains it; (name, seed, test accuracy)."""
     from course_lib.meft import build_method
     from course_lib.text import make_loader
     from course_lib.train import evaluate, set_seed, train
 
-    task, tokenizer, pretrained = _setup()
+    task, tokenizer, pretrained = text_task_and_classifier()
     method, options, lr = RECIPES[name]
     set_seed(seed)
     model = build_method(method, pretrained, **options)
