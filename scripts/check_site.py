@@ -281,7 +281,7 @@ def expected_figures(cache: Path, pages: Sequence[str], root: Path = REPO_ROOT) 
         if not source.exists():
             continue
         try:
-            with warnings.catch_warnings():  # the course's notebooks predate cell ids: nbformat warns
+            with warnings.catch_warnings():  # nbformat warns about cells without an id (tests/test_repo.py requires them in the course)
                 warnings.simplefilter("ignore")
                 notebook = nbformat.read(source, as_version=4)
             record = store.match_cache_notebook(notebook)

@@ -86,7 +86,7 @@ class NotebookRecorder:
             record = cache.add_nb_to_project(str(path))
             if notebook is None:  # a cell failed, or did not run: the build must not find an earlier run
                 with contextlib.suppress(KeyError), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # the course's notebooks predate cell ids: nbformat warns
+                    warnings.simplefilter("ignore")  # nbformat warns about cells without an id (tests/test_repo.py requires them in the course)
                     cache.remove_cache(cache.match_cache_notebook(nbformat.read(path, as_version=4)).pk)
                 continue
             seconds = sum(seconds for _, _, seconds in cells.values())
@@ -141,7 +141,7 @@ def executed_notebook(path: Path, cells: dict[int, tuple[list, bool, float]]) ->
         for output in cell.outputs:
             if output.output_type == "execute_result":
                 output.execution_count = number + 1
-    with warnings.catch_warnings():  # the course's notebooks predate cell ids: nbformat warns
+    with warnings.catch_warnings():  # nbformat warns about cells without an id (tests/test_repo.py requires them in the course)
         warnings.simplefilter("ignore")
         nbformat.validate(notebook)
     return notebook
