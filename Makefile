@@ -62,7 +62,8 @@ test-browser: $(STAMP) data browser
 # executed into Jupyter Book's cache, BOOK_WORKERS at a time (most use one thread), then the
 # build renders them; a notebook whose code is unchanged since the last build is not re-run.
 BOOK_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
-# TQDM_DISABLE: progress bars are for a person watching; on the static site they left blank gaps.
+# TQDM_DISABLE turns off the tqdm bars that do not set `disable` themselves; the notebook bars that do
+# (course_lib.train's, transformers' weight loading) are left out of the site by _ext/course_site.py.
 book: $(STAMP) data
 	env -u COURSE_FAST TQDM_DISABLE=1 $(PY) scripts/execute_book.py --workers $(BOOK_WORKERS) --timeout 1800
 	env -u COURSE_FAST $(VENV)/bin/jupyter-book build . --config book.yml --toc toc.yml
