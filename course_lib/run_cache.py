@@ -19,6 +19,11 @@ that decides it, and the next execution reads it back instead of training again:
   and a reader never sees half a file. An entry that cannot be read, or whose stored key is not
   the key asked for, counts as missing (and is replaced by the fresh run).
 - Values are JSON (result rows: numbers, strings, lists, dicts): what a notebook tabulates.
+- A run whose trained model later cells use (a widget, a timing, a model sparsified after
+  training) goes through `run_with_model`: beside the row it stores the model's trained state
+  (every parameter with requires_grad and every buffer) as safetensors, and a re-execution
+  rebuilds the untrained model and loads that state into it. The tensors are written first and
+  the row names their SHA-256, so a row never points at missing or other tensors.
 - `COURSE_FRESH_RUNS=1` (or `RunCache(..., enabled=False)`) ignores the entries and trains
   every run again, writing the new results over the old ones.
 
@@ -33,8 +38,9 @@ import json
 import os
 import tempfile
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -42,17 +48,28 @@ from course_lib import config
 
 __all__ = [
     "RunCache",
-    "run_key_digest",
-    "file_version",
-    "content_version",
     "code_version",
-    "function_version",
+    "content_version",
+    "file_version",
     "fresh_runs_requested",
+    "function_version",
+    "run_key_digest",
+    "trained_state",
 ]
 
 T = TypeVar("T")
 FORMAT_VERSION = 1
+STATE_SUFFIX = ".state.safetensors"  # the trained state of a `run_with_model` entry, beside its JSON
 _FILE_VERSIONS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
+
+
+def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What training changed in `model`: every parameter with requires_grad and every buffer
+    (BatchNorm statistics, quantised codes), by state_dict name, as contiguous CPU copies."""
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    buffers = {name for name, _ in model.named_buffers()}
+    return {name: tensor.detach().cpu().clone().contiguous()
+            for name, tensor in model.state_dict(keep_vars=True).items() if name in trainable | buffers}
 
 
 def fresh_runs_requested() -> bool:
@@ -159,13 +176,22 @@ class RunCache:
             return None
         return entry["value"]
 
-    def put(self, key: dict[str, Any], value: Any) -> Path:
-        """Store `value` (JSON) for `key` atomically; returns the entry's path."""
+    def put(self, key: dict[str, Any], value: Any, *, state_sha256: str | None = None) -> Path:
+        """Store `value` (JSON) for `key` atomically; returns the entry's path. `state_sha256`
+        names the trained-state file the entry goes with (`run_with_model`)."""
         path = self.path(key)
+        entry = {"format_version": FORMAT_VERSION, "key": key, "value": value}
+        if state_sha256 is not None:
+            entry["state_sha256"] = state_sha256
         try:
-            text = json.dumps({"format_version": FORMAT_VERSION, "key": key, "value": value}, allow_nan=True)
+            text = json.dumps(entry, allow_nan=True)
         except TypeError as error:
             raise TypeError(f"a cached run's value must be JSON (numbers, strings, lists, dicts): {error}") from None
+        self._write_atomically(path, lambda handle: handle.write(text.encode()))
+        return path
+
+    def _write_atomically(self, path: Path, write: Callable[[Any], Any]) -> None:
+        # a temporary file in the same folder, then a rename: readers see the old file or the whole new one
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -175,13 +201,12 @@ class RunCache:
                 "COURSE_CACHE_DIR at a writable folder, or pass RunCache(..., enabled=False)"
             ) from error
         try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
             os.replace(tmp_name, path)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise
-        return path
 
     def run(self, key: dict[str, Any], compute: Callable[[], T]) -> T:
         """The stored value of `key` if there is one, else `compute()`, stored once it returns."""
@@ -194,12 +219,74 @@ class RunCache:
         self.put(key, value)
         return value
 
+    def state_path(self, key: dict[str, Any]) -> Path:
+        """Where the trained state of `key`'s run (`run_with_model`) is (or would be) stored."""
+        return self.folder / f"{run_key_digest(key)}{STATE_SUFFIX}"
+
+    def run_with_model(
+        self,
+        key: dict[str, Any],
+        compute: Callable[[], tuple[T, torch.nn.Module]],
+        rebuild: Callable[[], torch.nn.Module],
+    ) -> tuple[T, torch.nn.Module]:
+        """`run` for a run whose trained model is used afterwards: `compute()` trains and returns
+        (row, model); the row is stored as in `run` and the model's trained state beside it. When
+        the run is stored, `rebuild()` must return the model as it was before training (same
+        architecture, same parameters with requires_grad, e.g. the pre-trained copy with the PEFT
+        method injected) and the stored state is loaded into it: (row, trained model) either way,
+        the model in eval mode (where a run that ends with its evaluation leaves it).
+
+        Derived in notebooks/part3_deft/22_deft_in_practice.ipynb (its runs feed a widget).
+        """
+        model = None
+        value = self.get(key)
+        if value is not None:
+            model = self._load_state(key, rebuild)
+        if model is not None:
+            self.hits += 1
+            return value, model.eval()
+        value, model = compute()
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"run_with_model's compute() must return (row, model), got a {type(model).__name__} as the model")
+        self.misses += 1
+        from safetensors.torch import save
+
+        data = save(trained_state(model))  # bytes; the digest goes into the row written after them
+        self._write_atomically(self.state_path(key), lambda handle: handle.write(data))
+        self.put(key, value, state_sha256=hashlib.sha256(data).hexdigest())
+        return value, model.eval()
+
+    def _load_state(self, key: dict[str, Any], rebuild: Callable[[], torch.nn.Module]) -> torch.nn.Module | None:
+        # the stored state of `key` loaded into rebuild()'s model, or None when there is no whole, matching state
+        try:
+            entry = json.loads(self.path(key).read_text())
+            data = self.state_path(key).read_bytes()
+        except (OSError, ValueError):
+            return None
+        if entry.get("state_sha256") != hashlib.sha256(data).hexdigest():
+            return None  # a state from another run or a torn write: train again
+        from safetensors.torch import load
+
+        state = load(data)
+        model = rebuild()
+        expected = trained_state(model)
+        if set(state) != set(expected) or any(state[name].shape != expected[name].shape for name in state):
+            raise ValueError(
+                f"the stored trained state in {self.state_path(key)} does not fit the model rebuild() returns "
+                f"(names or shapes differ: {sorted(set(state) ^ set(expected))[:5]}...): rebuild must make the "
+                "model of the run before training; delete the entry or set COURSE_FRESH_RUNS=1 to train again"
+            )
+        model.load_state_dict(state, strict=False)
+        return model
+
     def clear(self) -> int:
-        """Delete every entry of this cache; returns how many were deleted."""
+        """Delete every entry of this cache (rows and trained states); returns how many runs were deleted."""
         removed = 0
         for entry in self.folder.glob("*.json"):
             entry.unlink(missing_ok=True)
             removed += 1
+        for state in self.folder.glob(f"*{STATE_SUFFIX}"):
+            state.unlink(missing_ok=True)
         return removed
 
     def __repr__(self) -> str:

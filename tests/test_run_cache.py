@@ -197,3 +197,76 @@ def test_text_run_key_follows_the_task():
     assert text_run_key(small) == text_run_key(make_sentiment_task(8, 4, 4, seed=0))
     assert text_run_key(small)["data"] != text_run_key(other)["data"]
     assert text_run_key(small)["model"] == text_run_key(other)["model"]
+
+
+class TrainedModel:
+    """compute() for run_with_model: 'trains' a small model (a seeded change of its weights and
+    BatchNorm statistics), counting calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    @staticmethod
+    def untrained():
+        import torch
+
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+        model[0].weight.requires_grad_(False)  # frozen, as a pre-trained weight under PEFT
+        return model
+
+    def __call__(self):
+        import torch
+
+        self.calls += 1
+        model = self.untrained()
+        with torch.no_grad():
+            model[2].weight.add_(1.0)
+            model[0].bias.mul_(3.0)
+        model.train()(torch.randn(8, 4))  # moves the running statistics
+        return {"acc": 0.75}, model
+
+
+def test_a_run_with_its_model_is_reused_with_the_trained_weights(tmp_path):
+    import torch
+
+    train = TrainedModel()
+    row, trained = RunCache("exp", root=tmp_path).run_with_model(KEY, train, TrainedModel.untrained)
+    again = RunCache("exp", root=tmp_path)
+    row_again, reloaded = again.run_with_model(KEY, train, TrainedModel.untrained)
+    assert train.calls == 1 and (again.hits, again.misses) == (1, 0) and row_again == row == {"acc": 0.75}
+    for (name, a), (_, b) in zip(trained.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name  # trainable weights, frozen weights and BatchNorm statistics alike
+    assert not reloaded.training and not trained.training
+    stored = run_cache.trained_state(trained)
+    assert "0.weight" not in stored and {"0.bias", "2.weight", "1.running_mean"} <= set(stored)  # the frozen weight is rebuilt, not stored
+
+
+def test_a_run_with_a_missing_or_foreign_state_trains_again(tmp_path):
+    cache, train = RunCache("exp", root=tmp_path), TrainedModel()
+    cache.run_with_model(KEY, train, TrainedModel.untrained)
+    cache.state_path(KEY).unlink()  # a row without its state: not trusted
+    cache.run_with_model(KEY, train, TrainedModel.untrained)
+    assert train.calls == 2
+    cache.state_path(KEY).write_bytes(cache.state_path(KEY).read_bytes()[:-7])  # a torn state file
+    cache.run_with_model(KEY, train, TrainedModel.untrained)
+    assert train.calls == 3
+    assert cache.clear() == 1 and list(cache.folder.iterdir()) == []
+
+
+def test_an_interrupted_run_with_model_leaves_no_entry_and_a_wrong_rebuild_is_refused(tmp_path):
+    import torch
+
+    cache = RunCache("exp", root=tmp_path)
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.run_with_model(KEY, interrupted, TrainedModel.untrained)
+    assert not cache.folder.exists() or list(cache.folder.iterdir()) == []
+    cache.run_with_model(KEY, TrainedModel(), TrainedModel.untrained)
+    with pytest.raises(ValueError, match="does not fit the model rebuild"):
+        cache.run_with_model(KEY, TrainedModel(), lambda: torch.nn.Linear(4, 2))
+    with pytest.raises(TypeError, match=r"must return \(row, model\)"):
+        cache.run_with_model({**KEY, "seed": 5}, lambda: ({"acc": 1.0}, "not a model"), TrainedModel.untrained)
