@@ -9,7 +9,8 @@ from typing import Any
 from course_lib.meters.timing import interleaved_median_seconds, median_seconds
 from course_lib.results import results_path, write_json
 
-__all__ = ["interleaved_median_seconds", "median_seconds", "text_task_and_classifier", "torch_environment", "write_bench"]
+__all__ = ["interleaved_median_seconds", "median_seconds", "seeds_arguments", "text_task_and_classifier", "torch_environment",
+           "write_bench"]
 
 
 def write_bench(name: str, payload: dict[str, Any]) -> Path:
@@ -20,6 +21,22 @@ def write_bench(name: str, payload: dict[str, Any]) -> Path:
     print(json.dumps(payload, indent=2))
     print(f"wrote {path}")
     return path
+
+
+def seeds_arguments(description: str) -> Any:
+    """The command line of a seeds benchmark: --workers (>= 1, default 2) and --seeds (at least
+    two, default 0 1 2: the point is the spread); a bad value stops with argparse's message."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args()
+    if len(args.seeds) < 2 or len(set(args.seeds)) != len(args.seeds):
+        parser.error("give at least two different seeds: the point is the spread")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    return args
 
 
 def torch_environment() -> dict[str, Any]:

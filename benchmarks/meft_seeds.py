@@ -20,12 +20,16 @@ Full mode: 7 recipes x 3 seeds, each about one of notebook 32's runs (one thread
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from benchmarks.common import text_task_and_classifier, torch_environment, write_bench
+from benchmarks.common import (
+    seeds_arguments,
+    text_task_and_classifier,
+    torch_environment,
+    write_bench,
+)
 from course_lib.config import fast_or_full
 
 NAME = "meft_seeds"
@@ -61,12 +65,7 @@ def run(name: str, seed: int) -> tuple[str, int, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    args = parser.parse_args()
-    if len(args.seeds) < 2:
-        parser.error("give at least two seeds: the point is the spread")
+    args = seeds_arguments(__doc__.split("\n\n")[0])
     jobs = [(name, seed) for seed in args.seeds for name in RECIPES]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         finished = list(pool.map(run, *zip(*jobs)))

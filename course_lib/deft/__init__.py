@@ -6,6 +6,7 @@
                 `gelu_zero_range`, `relative_reduction`
 - `recipe`      `DEFTRecipe`, `PAPER_PROTOCOL` (the official GLUE scripts: pad to 128, unmasked),
                 `COURSE_RECIPE` (masked), `paper_protocol(...)`, `course_recipe(...)`
+- `experiments` one run of notebook 22: `build_deft_model`, `train_deft_run` -> (row, model), `deft_run_key`
 - `sparsify`    exact zeros made in the forward pass: `SparseActivation` (threshold, CATS-style,
                 or shifted ReLU), `SparsityConfig`, `sparsify_activations` (per-layer
                 calibration + bias correction) -> SparsificationReport, `calibrate_thresholds`
@@ -35,6 +36,7 @@ from course_lib.deft.density import (
     measure_density_by_position,
     relative_reduction,
 )
+from course_lib.deft.experiments import build_deft_model, deft_run_key, train_deft_run
 from course_lib.deft.loss import (
     DEFAULT_EPS,
     DEFTConfig,
@@ -111,11 +113,13 @@ __all__ = [
     "SparsificationReport",
     "SparsityConfig",
     "active_hidden_units",
+    "build_deft_model",
     "calibrate_thresholds",
     "collect_activations",
     "course_recipe",
     "csr_second_projection",
     "deft_compute_loss",
+    "deft_run_key",
     "deft_training_step",
     "density_loss",
     "density_surrogate",
@@ -135,6 +139,7 @@ __all__ = [
     "second_projection_names",
     "sparse_second_projection",
     "sparsify_activations",
+    "train_deft_run",
     "union_density",
     "unpack_4bit",
     "with_sparse_second_projections",
