@@ -8,7 +8,8 @@
 - `activation_density`          per-layer non-zero fraction of MLP activations (density.py)
 - `interleaved_median_seconds`  median times of contenders timed in alternation (timing.py)
 
-Derived in notebooks/part1_foundations/03_measuring_finetuning.ipynb.
+Derived in notebooks/part1_foundations/03_measuring_finetuning.ipynb (parameters, activation memory)
+and notebooks/part1_foundations/04_measuring_density.ipynb (activation density).
 """
 
 from course_lib.meters.density import (
