@@ -122,7 +122,10 @@ def test_collect_activations_drops_padding():
 
 def test_gelu_zero_range_in_float32():
     all_zero, last_zero = gelu_zero_range()
-    assert -5.6 < all_zero <= last_zero < -5.45
+    # ragged edge (AVX-512 here once: zeros and non-zeros interleave, all_zero <= last_zero) or clean (AVX2:
+    # neighbouring grid points, all_zero = last_zero + 1e-5); both lie in (-5.6, -5.45)
+    assert -5.6 < min(all_zero, last_zero) and max(all_zero, last_zero) < -5.45
+    assert all_zero <= last_zero + 1.5e-5
     below = torch.linspace(all_zero - 3, all_zero - 1e-4, 1000)
     assert (F.gelu(below) == 0).all()
     above = torch.linspace(last_zero + 1e-4, -1e-3, 1000)

@@ -252,8 +252,11 @@ def gelu_zero_range(
     """(x_all_zero, x_last_zero): GELU(x) == 0 exactly for every x < x_all_zero and for no x > x_last_zero.
 
     GELU(x) = x Phi(x) only rounds to an exact 0 deep in the negative tail: in float32 below
-    about -5.54 (GELU(-5.5) = -1.6e-7 is still non-zero); in between the two values rounding
-    gives some zeros and some non-zeros. This is why a pre-trained BERT has almost no exact-zero
+    about -5.54 (GELU(-5.5) = -1.6e-7 is still non-zero). Where the edge is ragged, rounding
+    gives some zeros and some non-zeros between the two values (x_all_zero <= x_last_zero); where
+    it is clean they are neighbouring grid points (x_all_zero = x_last_zero + step): which one
+    depends on the CPU (PyTorch's vectorised erf differs in the last bits between AVX2 and
+    AVX-512). This is why a pre-trained BERT has almost no exact-zero
     MLP activations, and why DEFT has to push pre-activations that far down. Found by scanning
     `[low, high]` in steps of `step` in `dtype`.
 
