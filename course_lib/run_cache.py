@@ -66,10 +66,10 @@ _FILE_VERSIONS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -
 def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What training changed in `model`: every parameter with requires_grad and every buffer
     (BatchNorm statistics, quantised codes), by state_dict name, as contiguous CPU copies."""
-    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-    buffers = {name for name, _ in model.named_buffers()}
+    keep = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    keep |= {name for name, _ in model.named_buffers()}
     return {name: tensor.detach().cpu().clone().contiguous()
-            for name, tensor in model.state_dict(keep_vars=True).items() if name in trainable | buffers}
+            for name, tensor in model.state_dict(keep_vars=True).items() if name in keep}
 
 
 def fresh_runs_requested() -> bool:
