@@ -116,7 +116,7 @@ def train_deft_run(
         predictions = torch.cat([default_loss(model, batch)[1].argmax(-1) for batch in batches])  # (num_test,)
         labels = torch.cat([batch["labels"] for batch in batches])
     density = measure_density_by_position(model, density_loader)
-    num_labels = int(getattr(getattr(model, "config", None), "num_labels", int(labels.max()) + 1))
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None) or int(labels.max()) + 1  # HF config, else the labels seen
     row = {
         "acc": 100 * (predictions == labels).float().mean().item(),
         "density": density.as_dict(),
