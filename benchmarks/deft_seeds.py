@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import statistics
+import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -157,9 +158,11 @@ def main() -> None:
     recipes = notebook_recipes()
     jobs = [(protocol, method, weight, seed) for seed in args.seeds for protocol in PROTOCOLS
             for method in METHODS for weight in (0.0, recipes[protocol].weight)]  # fmt: skip
+    start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         rows = list(pool.map(run, *zip(*jobs)))
     write_bench(NAME, {
+        "seconds": round(time.perf_counter() - start, 1),  # wall time of the runs (read-back runs cost ~nothing)
         "seeds": args.seeds, **summarise(rows, args.seeds, num_labels=notebook_setup()["task"].num_labels), "runs": rows,
         "recipes": {protocol: recipe.to_dict() for protocol, recipe in recipes.items()}, "sizes": notebook_sizes(),
         "measures": "exact non-zero fraction of the MLP activations, mean over the 6 layers, on the density split "
