@@ -12,7 +12,8 @@ again and shows the error).
 A cell timeout or a dead kernel is retried once (`--attempts`): the results notebooks store each
 finished training run on disk (`course_lib.run_cache`), so the retry resumes instead of
 starting over. Each notebook's time and its longest cell against the cell timeout are printed
-and written to results/book_execution.json (a longest cell over half its timeout is flagged).
+and written to results/book_execution.json (a longest cell over half its timeout is flagged), with
+each notebook's three slowest cells (where the book's time goes).
 
     python scripts/execute_book.py [--workers 2] [--timeout 1800]
 
@@ -56,19 +57,29 @@ def toc_notebooks(toc_path: Path) -> list[Path]:
     return [REPO_ROOT / f"{name}.ipynb" for name in files if (REPO_ROOT / f"{name}.ipynb").exists()]
 
 
-def longest_cell_seconds(notebook: nbformat.NotebookNode) -> float:
-    """The longest code cell of an executed notebook, from nbclient's timing records (0 if none)."""
+def cell_seconds(notebook: nbformat.NotebookNode) -> dict[int, float]:
+    """{cell index: seconds} of an executed notebook's code cells, from nbclient's timing records."""
     from datetime import datetime
 
-    longest = 0.0
-    for cell in notebook.cells:
+    seconds = {}
+    for index, cell in enumerate(notebook.cells):
         timing = cell.get("metadata", {}).get("execution", {})
         start, end = timing.get("iopub.execute_input"), timing.get("shell.execute_reply")
         if start and end:
-            seconds = (datetime.fromisoformat(end.replace("Z", "+00:00"))
-                       - datetime.fromisoformat(start.replace("Z", "+00:00"))).total_seconds()  # fmt: skip
-            longest = max(longest, seconds)
-    return longest
+            seconds[index] = (datetime.fromisoformat(end.replace("Z", "+00:00"))
+                              - datetime.fromisoformat(start.replace("Z", "+00:00"))).total_seconds()  # fmt: skip
+    return seconds
+
+
+def longest_cell_seconds(notebook: nbformat.NotebookNode) -> float:
+    """The longest code cell of an executed notebook, from nbclient's timing records (0 if none)."""
+    return max(cell_seconds(notebook).values(), default=0.0)
+
+
+def slowest_cells(notebook: nbformat.NotebookNode, count: int = 3) -> list[dict[str, float]]:
+    """The `count` longest code cells, longest first: [{"cell": index, "seconds": s}] (where the time goes)."""
+    ranked = sorted(cell_seconds(notebook).items(), key=lambda item: item[1], reverse=True)[:count]
+    return [{"cell": index, "seconds": round(seconds, 1)} for index, seconds in ranked]
 
 
 def strip_timing(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
@@ -163,11 +174,11 @@ def main() -> int:
             path, notebook, seconds, error, attempts, cpu_seconds = future.result()
             name = Path(path).relative_to(REPO_ROOT)
             timeout = cell_timeout(notebook, args.timeout)
-            longest = longest_cell_seconds(notebook)
+            longest, slowest = longest_cell_seconds(notebook), slowest_cells(notebook)
             strip_timing(notebook)  # what is cached must hash like the source notebook
             report[str(name)] = {"seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1), "longest_cell_seconds": round(longest, 1),
                                  "cell_timeout_seconds": timeout, "longest_cell_over_timeout": round(longest / timeout, 3),
-                                 "attempts": attempts, "failed": error is not None}  # fmt: skip
+                                 "slowest_cells": slowest, "attempts": attempts, "failed": error is not None}  # fmt: skip
             if error is not None:
                 failures.append(name)
                 print(f"  FAILED {name} after {seconds:.0f} s ({attempts} attempt(s)):\n{error}", flush=True)

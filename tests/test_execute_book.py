@@ -35,6 +35,8 @@ def test_longest_cell_and_stated_timeout(execute_book):
     notebook.cells[1].metadata["execution"] = {"iopub.execute_input": "2026-12-06T10:00:03Z",
                                                "shell.execute_reply": "2026-12-06T10:01:03Z"}  # fmt: skip
     assert execute_book.longest_cell_seconds(notebook) == pytest.approx(60.0)
+    assert execute_book.slowest_cells(notebook) == [{"cell": 1, "seconds": 60.0}, {"cell": 0, "seconds": 2.5}]
+    assert execute_book.longest_cell_seconds(_notebook("x = 1")) == 0.0   # never executed: no record
     assert execute_book.cell_timeout(notebook, 1800) == 120
     assert execute_book.cell_timeout(_notebook("x = 1"), 1800) == 1800
 
