@@ -118,3 +118,21 @@ def test_phase_peaks_refuse_bad_input():
         measure_phase_peaks([("a", lambda: None), ("a", lambda: None)])
     with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
         measure_phase_peaks([("a", lambda: None)], device="meta")
+
+
+def test_no_profiler_lines_on_stderr_and_nothing_else_lost(capfd):
+    """Kineto writes "USDT:... profiler_start/stop" to descriptor 2 (torch 2.13); in a notebook that
+    is a red output under every measurement. The meters drop those two lines and nothing else."""
+    import os
+    import sys
+
+    def step():
+        torch.ones(10).sum()
+        os.write(2, b"written by the step\n")      # descriptor 2 during the step: untouched
+        print("python stderr", file=sys.stderr)
+
+    measure_peak_memory(step)
+    measure_phase_peaks([("step", step)])
+    err = capfd.readouterr().err
+    assert "USDT" not in err and "profiler_start" not in err
+    assert err.count("written by the step") == 2 and err.count("python stderr") == 2

@@ -27,8 +27,12 @@ Derived in notebooks/part4_meft/30_where_memory_goes.ipynb.
 
 from __future__ import annotations
 
+import contextlib
 import gc
-from collections.abc import Callable, Sequence
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,7 +103,8 @@ def measure_peak_memory(step: Callable[[], Any], *, device: str | torch.device =
     from torch.profiler._memory_profiler import MemoryProfileTimeline  # the engine of export_memory_timeline
 
     gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True)
+    with _profiled(prof):
         step()
     times, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(device)
     if not sizes:
@@ -152,7 +157,8 @@ def measure_phase_peaks(phases: Sequence[tuple[str, Callable[[], Any]]], *, devi
 
     marker = "course_lib.phase:"
     gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _profiled(prof):
         for name, run in phases:
             with record_function(marker + name):
                 run()
@@ -167,3 +173,39 @@ def measure_phase_peaks(phases: Sequence[tuple[str, Callable[[], Any]]], *, devi
             if begin <= time_ns <= end and live > peaks[name]:
                 peaks[name] = live
     return peaks
+
+
+@contextlib.contextmanager
+def _profiled(prof: Any) -> Iterator[Any]:
+    """Run the block under the started profiler `prof` (a `torch.profiler.profile`), as `with prof:`
+    does, without the two lines Kineto writes to file descriptor 2 as it starts and stops
+    ("USDT:... profiler_start", "... profiler_stop"; no setting of torch 2.13 turns them off). In a
+    notebook they would appear as a red output under every measurement. Only the start and the stop
+    are filtered, and anything else written to descriptor 2 meanwhile is passed on."""
+    with _without_kineto_lines():
+        prof.start()
+    try:
+        yield prof
+    finally:
+        with _without_kineto_lines():
+            prof.stop()
+
+
+@contextlib.contextmanager
+def _without_kineto_lines() -> Iterator[None]:
+    """Send file descriptor 2 to a temporary file for the block, then pass on every line of it but
+    Kineto's "USDT:" lines (C++ writes to the descriptor, not to `sys.stderr`)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not line.startswith("USDT:"))
+            if kept:
+                sys.stderr.write(kept)
