@@ -29,21 +29,22 @@ from course_lib.config import SEED, fast_or_full
 
 NAME = "lr_sweep"
 
-#: notebook 02's methods: (how to make it, inject_peft options, the notebook's rate, the candidates)
+#: notebook 02's methods: (how to make it, inject_peft options, the notebook's rate, the candidates);
+#: tests/test_benchmarks_lr_sweep.py checks the methods, options and rates against the notebook's `recipes`
 METHODS: dict[str, tuple[str, dict[str, Any], float, tuple[float, ...]]] = {
     "full fine-tuning": ("full", {}, 2e-4, (5e-5, 1e-4, 2e-4, 5e-4)),
-    "head only": ("head", {}, 3e-1, (1e-2, 3e-2, 1e-1, 3e-1, 1.0)),
-    "LoRA (r=8, query+value)": ("peft", {"method": "lora", "r": 8, "alpha": 16}, 1e-2, (2e-3, 5e-3, 1e-2, 2e-2)),
-    "Pfeiffer adapters": ("peft", {"method": "adapter", "placement": "pfeiffer"}, 1e-2, (2e-3, 5e-3, 1e-2, 3e-2)),
+    "head only": ("head", {}, 3e-2, (1e-2, 3e-2, 1e-1, 3e-1, 1.0)),
+    "LoRA (r=8, query+value)": ("peft", {"method": "lora", "r": 8, "alpha": 16}, 5e-3, (2e-3, 5e-3, 1e-2, 2e-2)),
+    "Pfeiffer adapters": ("peft", {"method": "adapter", "placement": "pfeiffer"}, 5e-3, (2e-3, 5e-3, 1e-2, 3e-2)),
     "prefix tuning (P=20)": ("peft", {"method": "prefix_tuning", "num_virtual_tokens": 20}, 1e-1,
                              (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)),
-    "prompt tuning (P=20)": ("peft", {"method": "prompt_tuning", "num_virtual_tokens": 20, "init": "vocab"}, 1e-1,
+    "prompt tuning (P=20)": ("peft", {"method": "prompt_tuning", "num_virtual_tokens": 20, "init": "vocab"}, 1e-2,
                              (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)),
-    "BitFit": ("peft", {"method": "bitfit"}, 3e-3, (1e-3, 3e-3, 1e-2, 3e-2)),
-    "(IA)³": ("peft", {"method": "ia3"}, 1e-1, (1e-2, 3e-2, 1e-1, 3e-1)),
+    "BitFit": ("peft", {"method": "bitfit"}, 1e-2, (1e-3, 3e-3, 1e-2, 3e-2)),
+    "(IA)³": ("peft", {"method": "ia3"}, 3e-2, (1e-2, 3e-2, 1e-1, 3e-1)),
 }  # fmt: skip
 
-#: notebook 32's methods: (build_method's name, its options, the notebook's rate, the candidates)
+#: notebook 32's methods: (build_method's name, its options, the notebook's rate, the candidates), checked likewise
 MEFT_METHODS: dict[str, tuple[str, dict[str, Any], float, tuple[float, ...]]] = {
     "lora": ("lora", {}, 3e-3, (3e-3, 5e-3, 1e-2)),
     "adapter": ("adapter", {}, 5e-3, (3e-3, 5e-3, 1e-2)),
@@ -101,14 +102,8 @@ def main() -> None:
     budget = {"num_epochs": fast_or_full(*epochs), "batch_size": fast_or_full(16, 32), "seed": SEED,
               "warmup_ratio": 0.1, "scheduler": "linear", "split": "validation"}  # fmt: skip
     earlier = _earlier_accuracies(name, budget) if args.reuse else {}
-    accuracy: dict[str, dict[str, float]] = {method: {} for method in args.methods}
-    reused = []
-    for method in args.methods:
-        for lr in methods[method][3]:
-            if f"{lr:g}" in earlier.get(method, {}):
-                accuracy[method][f"{lr:g}"] = earlier[method][f"{lr:g}"]
-                reused.append(f"{method} @ {lr:g}")
-    jobs = [(args.notebook, method, lr) for method in args.methods for lr in methods[method][3] if f"{lr:g}" not in accuracy[method]]
+    accuracy, reused, pairs = plan(methods, args.methods, earlier)
+    jobs = [(args.notebook, method, lr) for method, lr in pairs]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         results = list(pool.map(run, *zip(*jobs))) if jobs else []
     for method, lr, value in results:
@@ -122,6 +117,23 @@ def main() -> None:
         "notebook": args.notebook, "budget": budget, "trained": len(jobs), "reused_from_earlier_run": reused,
         "fast": fast_or_full(True, False), "workers": args.workers, **torch_environment(),
     })  # fmt: skip
+
+
+def plan(methods: dict[str, tuple], names: list[str], earlier: dict[str, dict[str, float]]
+         ) -> tuple[dict[str, dict[str, float]], list[str], list[tuple[str, float]]]:
+    """What `--reuse` keeps and what is left to train: ({method: {rate: accuracy kept}}, the kept
+    pairs as "method @ rate", the (method, rate) pairs to train). `earlier` is an earlier run's
+    `validation_accuracy` ({} without `--reuse`); rates are keyed as `f"{lr:g}"`."""
+    accuracy: dict[str, dict[str, float]] = {method: {} for method in names}
+    reused, to_train = [], []
+    for method in names:
+        for lr in methods[method][3]:
+            if f"{lr:g}" in earlier.get(method, {}):
+                accuracy[method][f"{lr:g}"] = earlier[method][f"{lr:g}"]
+                reused.append(f"{method} @ {lr:g}")
+            else:
+                to_train.append((method, lr))
+    return accuracy, reused, to_train
 
 
 def _earlier_accuracies(name: str, budget: dict) -> dict[str, dict[str, float]]:
