@@ -13,8 +13,8 @@ that decides it, and the next execution reads it back instead of training again:
 
 - The key is a JSON-able dict; its SHA-256 (over canonical JSON) names the entry. A changed
   config, seed, data file, checkpoint or source file gives another key, so only the runs it
-  touches are trained again. `code_version` hashes the source files of the modules named, so
-  an edit to them invalidates their runs (and only theirs).
+  touches are trained again. `code_version` hashes the code of the modules named, so an edit
+  to them invalidates their runs (and only theirs); comments and docstrings do not count.
 - An entry is written through a temporary file and a rename: an interrupted run leaves no entry
   and a reader never sees half a file. An entry that cannot be read, or whose stored key is not
   the key asked for, counts as missing (and is replaced by the fresh run).
@@ -32,11 +32,13 @@ The cache lives in `config.CACHE_DIR` (`.cache/` of the clone): deleting it is a
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import inspect
 import json
 import os
 import tempfile
+import textwrap
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +50,7 @@ from course_lib import config
 
 __all__ = [
     "RunCache",
+    "code_fingerprint",
     "code_version",
     "content_version",
     "file_version",
@@ -116,18 +119,20 @@ def content_version(*values: Any) -> str:
 
 
 def function_version(function: Callable[..., Any]) -> str:
-    """SHA-256 of a function's source: a notebook's own training function enters the key this way,
-    so editing it invalidates its runs (works for functions defined in notebook cells too)."""
+    """SHA-256 of a function's code: a notebook's own training function enters the key this way,
+    so editing it invalidates its runs (works for functions defined in notebook cells too).
+    Comments, docstrings and layout do not count (`code_fingerprint`)."""
     try:
         source = inspect.getsource(function)
     except (TypeError, OSError) as error:
         raise TypeError(f"function_version needs a Python function whose source can be read: {error}") from None
-    return hashlib.sha256(source.encode()).hexdigest()
+    return hashlib.sha256(code_fingerprint(textwrap.dedent(source)).encode()).hexdigest()
 
 
 def code_version(*modules: types.ModuleType) -> str:
-    """SHA-256 over the source of `modules` (a package counts with every .py file under it),
-    plus the torch version: what changes when the code that produces a result changes."""
+    """SHA-256 over the code of `modules` (a package counts with every .py file under it), plus the
+    torch version: what changes when the code that produces a result changes. Comments, docstrings
+    and layout do not count (`code_fingerprint`): rewording a docstring keeps the runs."""
     if not modules:
         raise ValueError("name the modules whose code decides the result, e.g. code_version(course_lib.train)")
     files: set[Path] = set()
@@ -139,8 +144,25 @@ def code_version(*modules: types.ModuleType) -> str:
     digest = hashlib.sha256(f"torch {torch.__version__}\n".encode())
     for file in sorted(files):
         digest.update(f"{file.name}\n".encode())
-        digest.update(file.read_bytes())
+        digest.update(code_fingerprint(file.read_text(encoding="utf-8", errors="replace")).encode())
     return digest.hexdigest()
+
+
+def code_fingerprint(source: str) -> str:
+    """What of Python source decides what it computes: its syntax tree (`ast.dump`) without
+    docstrings; comments and layout are not in the tree. Source that does not parse (a fragment
+    such as a lambda inside a call) is taken as it is."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return source
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body:
+            first = body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
 
 
 class RunCache:

@@ -99,6 +99,8 @@ def test_code_version_follows_the_source(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     module = importlib.import_module("course_cache_probe")
     before = code_version(module)
+    module_file.write_text('"""Reworded."""\n# a comment\nLR = 1e-3   # the rate\n')
+    assert code_version(module) == before   # docstrings, comments and layout keep the runs
     module_file.write_text("LR = 3e-3\n")
     assert code_version(module) != before
     sys.modules.pop("course_cache_probe", None)
@@ -166,6 +168,19 @@ def test_a_cache_folder_that_cannot_be_made_says_what_to_do(tmp_path):
     blocker.write_text("a file where the cache folder should be")
     with pytest.raises(OSError, match="COURSE_CACHE_DIR"):
         RunCache("exp", root=blocker).run(KEY, Counter())
+
+
+def test_code_fingerprint_keeps_what_computes():
+    from course_lib.run_cache import code_fingerprint
+
+    plain = "def f(x):\n    return x * 2\n"
+    documented = 'def f(x):\n    """Twice x."""\n    # the rule\n    return (x *\n            2)\n'
+    assert code_fingerprint(plain) == code_fingerprint(documented)
+    assert code_fingerprint(plain) != code_fingerprint(plain.replace("2", "3"))
+    assert code_fingerprint('def f():\n    """Only a docstring."""\n') == code_fingerprint("def f():\n    pass\n")
+    assert code_fingerprint('x = "not a docstring"\n') != code_fingerprint('x = "another string"\n')
+    fragment = "sorted(rows, key=lambda r: r[0]),\n    reverse=True)\n"   # inspect.getsource of a lambda in a call
+    assert code_fingerprint(fragment) == fragment   # does not parse: taken as it is
 
 
 def test_content_and_function_versions():
