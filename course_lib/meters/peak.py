@@ -177,18 +177,18 @@ def measure_phase_peaks(phases: Sequence[tuple[str, Callable[[], Any]]], *, devi
 
 @contextlib.contextmanager
 def _profiled(prof: Any) -> Iterator[Any]:
-    """Run the block under the started profiler `prof` (a `torch.profiler.profile`), as `with prof:`
-    does, without the two lines Kineto writes to file descriptor 2 as it starts and stops
-    ("USDT:... profiler_start", "... profiler_stop"; no setting of torch 2.13 turns them off). In a
-    notebook they would appear as a red output under every measurement. Only the start and the stop
-    are filtered, and anything else written to descriptor 2 meanwhile is passed on."""
+    """`with prof:` for a `torch.profiler.profile`, without the two lines Kineto writes to file
+    descriptor 2 as it starts and stops ("USDT:... profiler_start", "... profiler_stop"; no setting
+    of torch 2.13 turns them off). In a notebook they would appear as a red output under every
+    measurement. Only the start and the stop are filtered, and anything else written to descriptor
+    2 meanwhile is passed on; the block itself runs untouched."""
     with _without_kineto_lines():
-        prof.start()
+        prof.__enter__()
     try:
         yield prof
     finally:
         with _without_kineto_lines():
-            prof.stop()
+            prof.__exit__(None, None, None)
 
 
 @contextlib.contextmanager
