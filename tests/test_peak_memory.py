@@ -121,18 +121,24 @@ def test_phase_peaks_refuse_bad_input():
 
 
 def test_no_profiler_lines_on_stderr_and_nothing_else_lost(capfd):
-    """Kineto writes "USDT:... profiler_start/stop" to descriptor 2 (torch 2.13); in a notebook that
-    is a red output under every measurement. The meters drop those two lines and nothing else."""
+    """Kineto writes "USDT:... profiler_start/stop" to descriptor 2 (torch 2.13), and the allocator
+    warns when a tensor from before the profiler is freed; in a notebook that is a red output under
+    every measurement. The meters drop those lines and nothing else."""
     import os
     import sys
 
+    before = torch.ones(1000)   # allocated before the profiler starts, freed during the step
+
     def step():
+        nonlocal before
         torch.ones(10).sum()
-        os.write(2, b"written by the step\n")      # descriptor 2 during the step: untouched
+        before = None
+        os.write(2, b"written by the step\n")      # descriptor 2 during the step: passed on
         print("python stderr", file=sys.stderr)
 
     measure_peak_memory(step)
+    before = torch.ones(1000)
     measure_phase_peaks([("step", step)])
     err = capfd.readouterr().err
-    assert "USDT" not in err and "profiler_start" not in err
+    assert "USDT" not in err and "profiler_start" not in err and "allocated before the profiling" not in err
     assert err.count("written by the step") == 2 and err.count("python stderr") == 2

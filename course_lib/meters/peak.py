@@ -175,26 +175,26 @@ def measure_phase_peaks(phases: Sequence[tuple[str, Callable[[], Any]]], *, devi
     return peaks
 
 
+#: what marks a line the profiler writes to descriptor 2 at every measurement (torch 2.13)
+_PROFILER_LINES = ("USDT:", "was allocated before the profiling started")
+
+
 @contextlib.contextmanager
 def _profiled(prof: Any) -> Iterator[Any]:
-    """`with prof:` for a `torch.profiler.profile`, without the two lines Kineto writes to file
-    descriptor 2 as it starts and stops ("USDT:... profiler_start", "... profiler_stop"; no setting
-    of torch 2.13 turns them off). In a notebook they would appear as a red output under every
-    measurement. Only the start and the stop are filtered, and anything else written to descriptor
-    2 meanwhile is passed on; the block itself runs untouched."""
-    with _without_kineto_lines():
-        prof.__enter__()
-    try:
+    """`with prof:` for a `torch.profiler.profile`, without the profiler's own lines on file
+    descriptor 2: Kineto's "USDT:... profiler_start" and "... profiler_stop" (no setting of torch
+    2.13 turns them off) and the allocator's warning that a tensor allocated before the profiler
+    started was freed during it (expected: the weights and the step's inputs exist before). In a
+    notebook they would appear as a red output under every measurement. Everything else written to
+    descriptor 2 during the block is passed on when it ends."""
+    with _without_profiler_lines(), prof:
         yield prof
-    finally:
-        with _without_kineto_lines():
-            prof.__exit__(None, None, None)
 
 
 @contextlib.contextmanager
-def _without_kineto_lines() -> Iterator[None]:
+def _without_profiler_lines() -> Iterator[None]:
     """Send file descriptor 2 to a temporary file for the block, then pass on every line of it but
-    Kineto's "USDT:" lines (C++ writes to the descriptor, not to `sys.stderr`)."""
+    the profiler's (`_PROFILER_LINES`; C++ writes to the descriptor, not to `sys.stderr`)."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
@@ -206,6 +206,6 @@ def _without_kineto_lines() -> Iterator[None]:
             os.close(saved)
             captured.seek(0)
             lines = captured.read().decode(errors="replace").splitlines(keepends=True)
-            kept = "".join(line for line in lines if not line.startswith("USDT:"))
+            kept = "".join(line for line in lines if not any(mark in line for mark in _PROFILER_LINES))
             if kept:
                 sys.stderr.write(kept)
