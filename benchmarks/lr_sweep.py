@@ -25,6 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from benchmarks.common import text_task_and_classifier, torch_environment, write_bench
+from benchmarks.meft_seeds import RECIPES as MEFT_RECIPES
 from course_lib.config import SEED, fast_or_full
 
 NAME = "lr_sweep"
@@ -44,14 +45,18 @@ METHODS: dict[str, tuple[str, dict[str, Any], float, tuple[float, ...]]] = {
     "(IA)³": ("peft", {"method": "ia3"}, 3e-2, (1e-2, 3e-2, 1e-1, 3e-1)),
 }  # fmt: skip
 
-#: notebook 32's methods: (build_method's name, its options, the notebook's rate, the candidates), checked likewise
+#: notebook 32's sweep: the candidates per method; the method, its options and the notebook's rate
+#: are benchmarks/meft_seeds.py's copy of notebook 32's recipes (one copy, tested against the notebook)
+_MEFT_CANDIDATES: dict[str, tuple[float, ...]] = {
+    "lora": (3e-3, 5e-3, 1e-2),
+    "adapter": (3e-3, 5e-3, 1e-2),
+    "meft1": (3e-3, 1e-2, 3e-2),
+    "meft2": (3e-3, 1e-2, 3e-2),
+    "meft3": (3e-3, 1e-2, 3e-2),
+}
 MEFT_METHODS: dict[str, tuple[str, dict[str, Any], float, tuple[float, ...]]] = {
-    "lora": ("lora", {}, 3e-3, (3e-3, 5e-3, 1e-2)),
-    "adapter": ("adapter", {}, 5e-3, (3e-3, 5e-3, 1e-2)),
-    "meft1": ("meft1", {}, 1e-2, (3e-3, 1e-2, 3e-2)),
-    "meft2": ("meft2", {}, 1e-2, (3e-3, 1e-2, 3e-2)),
-    "meft3": ("meft3", {}, 1e-2, (3e-3, 1e-2, 3e-2)),
-}  # fmt: skip
+    name: (*MEFT_RECIPES[name], candidates) for name, candidates in _MEFT_CANDIDATES.items()
+}
 
 #: per notebook: its methods, epochs (fast, full), the JSON's name
 NOTEBOOKS = {"02": (METHODS, (1, 2), NAME), "32": (MEFT_METHODS, (1, 4), "lr_sweep_meft")}

@@ -1,6 +1,6 @@
-"""benchmarks/lr_sweep.py: its copies of notebooks 02's and 32's recipes are the notebooks' own
-(its `notebook_lr` and `agrees` would lie otherwise), and `--reuse` keeps exactly the pairs an
-earlier run of the same budget measured."""
+"""benchmarks/lr_sweep.py and meft_seeds.py: their copies of notebooks 02's and 32's recipes are
+the notebooks' own (lr_sweep's `notebook_lr` and `agrees` would lie otherwise), and `--reuse`
+keeps exactly the pairs an earlier run of the same budget measured."""
 
 from __future__ import annotations
 
@@ -38,6 +38,12 @@ def test_the_sweeps_copy_of_the_recipes_is_the_notebooks(notebook, path):
     for name, (kind, options, rate, candidates) in methods.items():
         assert recipes[name] == (kind, options, rate), f"benchmarks/lr_sweep.py's {name} differs from notebook {notebook}"
         assert rate in candidates   # the notebook's rate is one the sweep scores
+
+
+def test_the_seeds_benchmarks_copy_of_notebook_32s_recipes_is_the_notebooks():
+    from benchmarks import meft_seeds
+
+    assert meft_seeds.RECIPES == notebook_recipes(NOTEBOOKS / "part4_meft/32_meft.ipynb")
 
 
 def test_reuse_keeps_what_an_earlier_run_measured_and_trains_the_rest(tmp_path, monkeypatch):
