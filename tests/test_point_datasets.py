@@ -22,7 +22,7 @@ import torch
 from course_lib.download import ChecksumError, DownloadError
 from course_lib.points import datasets
 
-from data_scripts import download_modelnet40, download_scanobjectnn  # repository root is on pytest's path
+from data_scripts import download_modelnet40, download_scanobjectnn, make_shapes  # repository root is on pytest's path
 
 TINY = datasets.ShapeSetConfig(seed=1, clean_train_per_class=2, clean_test_per_class=1, scan_train_per_class=2,
                                scan_test_per_class=1, clean_points=64, scan_points=96)
@@ -105,6 +105,14 @@ def test_write_shape_sets_is_idempotent_and_atomic(shape_dir):
     assert not list((shape_dir / "shapes").glob("*.tmp"))
     assert datasets.shape_set_is_current(datasets.shapes_path("clean", shape_dir), TINY)
     assert not datasets.shape_set_is_current(datasets.shapes_path("clean", shape_dir), datasets.ShapeSetConfig())
+
+
+def test_make_shapes_refuses_a_worker_count_below_one(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        make_shapes.main(["--workers", "0", "--data-dir", str(tmp_path), "--no-progress"])
+    assert stopped.value.code == 2
+    assert "--workers must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "shapes").exists()  # nothing written
 
 
 def test_force_rewrites_the_same_arrays(tmp_path):

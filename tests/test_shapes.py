@@ -212,6 +212,23 @@ def test_generation_is_deterministic_by_seed(group):
         assert not np.allclose(first[variant]["points"], other[variant]["points"])
 
 
+def test_worker_processes_generate_exactly_what_one_process_does():
+    """`make data` shares the scans among one process per core: the files must not depend on it."""
+    alone = datasets.generate_shape_sets(TINY, "scan", progress=False)
+    shared = datasets.generate_shape_sets(TINY, "scan", progress=False, workers=2)
+    assert list(shared) == list(alone)
+    for variant in alone:
+        assert list(shared[variant]) == list(alone[variant])
+        for key in alone[variant]:
+            np.testing.assert_array_equal(shared[variant][key], alone[variant][key], err_msg=f"{variant}/{key}")
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True])
+def test_a_bad_worker_count_is_refused(workers):
+    with pytest.raises(ValueError, match="workers must be an int >= 1"):
+        datasets.generate_shape_sets(TINY, "clean", progress=False, workers=workers)
+
+
 def test_generated_sets_have_the_documented_layout():
     clean = datasets.generate_shape_sets(TINY, "clean", progress=False)["clean"]
     assert clean["points"].shape == (15 * 3, 64, 3) and clean["points"].dtype == np.float32

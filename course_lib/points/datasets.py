@@ -21,12 +21,15 @@ download_scanobjectnn.py: `load_modelnet40(root, split)` reads the resampled Mod
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import multiprocessing
 import os
 import tempfile
 import zipfile
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -149,51 +152,61 @@ def _instance_rng(seed: int, group: int, split: int, label: int, index: int) -> 
     return np.random.default_rng([seed, group, split, label, index])
 
 
+def _shape_views(shape_config: ShapeSetConfig, clean: bool, job: tuple[str, int, int]) -> dict[str, tuple]:
+    """One shape of the set: {variant: (points (N, 3) float32, mask (N,) bool)}, from its own seed."""
+    from course_lib.points import scans
+    from course_lib.points.shapes import CLASS_NAMES, build_mesh, sample_surface
+    from course_lib.points.transforms import normalize_to_unit_sphere
+
+    split, label, index = job
+    rng = _instance_rng(shape_config.seed, 0 if clean else 1, _SPLITS.index(split), label, index)
+    mesh = build_mesh(CLASS_NAMES[label], rng)
+    if clean:
+        num_points = shape_config.clean_points
+        surface = torch.from_numpy(sample_surface(mesh, num_points, rng))
+        return {"clean": (normalize_to_unit_sphere(surface).numpy().astype(np.float32), np.ones(num_points, bool))}
+    return scans.scan_views(scans.build_scene(mesh, rng), shape_config.scan_points, rng)
+
+
 def generate_shape_sets(
-    shape_config: ShapeSetConfig = ShapeSetConfig(), group: str = "clean", progress: bool = True
+    shape_config: ShapeSetConfig = ShapeSetConfig(), group: str = "clean", progress: bool = True, workers: int = 1
 ) -> dict[str, dict[str, np.ndarray]]:
     """Generate the "clean" set (group "clean") or the three scan-like sets (group "scan").
 
     Returns {variant: arrays} with points (S, N, 3) float32, labels (S,) int64, split (S,)
     "train"/"test", instance (S,) index of the shape within its class and split, masks (S, N)
     bool (True = object point) and metadata. Deterministic: shape i of class c in a split is
-    drawn from its own Generator seeded with (seed, group, split, c, i).
+    drawn from its own Generator seeded with (seed, group, split, c, i), so `workers` processes
+    (`make data` uses one per core) write exactly what one process writes.
     """
     from course_lib.points import scans
-    from course_lib.points.shapes import CLASS_NAMES, build_mesh, sample_surface
-    from course_lib.points.transforms import normalize_to_unit_sphere
+    from course_lib.points.shapes import CLASS_NAMES
 
     _check_choice("group", group, ("clean", "scan"))
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     clean = group == "clean"
     per_split = {
         "train": shape_config.clean_train_per_class if clean else shape_config.scan_train_per_class,
         "test": shape_config.clean_test_per_class if clean else shape_config.scan_test_per_class,
     }
     variants = ("clean",) if clean else scans.SCAN_VARIANTS
-    num_points = shape_config.clean_points if clean else shape_config.scan_points
-    columns: dict[str, dict[str, list]] = {v: {"points": [], "masks": []} for v in variants}
-    labels, splits, instances = [], [], []
     jobs = [(s, c, i) for s in _SPLITS for c in range(len(CLASS_NAMES)) for i in range(per_split[s])]
-    for split, label, index in tqdm(jobs, desc=f"{group} shapes", disable=not progress, leave=False):
-        rng = _instance_rng(shape_config.seed, 0 if clean else 1, _SPLITS.index(split), label, index)
-        mesh = build_mesh(CLASS_NAMES[label], rng)
-        if clean:
-            surface = torch.from_numpy(sample_surface(mesh, num_points, rng))
-            columns["clean"]["points"].append(normalize_to_unit_sphere(surface).numpy().astype(np.float32))
-            columns["clean"]["masks"].append(np.ones(num_points, bool))
-        else:
-            views = scans.scan_views(scans.build_scene(mesh, rng), num_points, rng)
-            for variant, (points, mask) in views.items():
-                columns[variant]["points"].append(points)
-                columns[variant]["masks"].append(mask)
-        labels.append(label), splits.append(split), instances.append(index)
+    one_shape = functools.partial(_shape_views, shape_config, clean)
+    bar = functools.partial(tqdm, total=len(jobs), desc=f"{group} shapes", disable=not progress, leave=False)
+    if workers == 1 or len(jobs) < 2:
+        shapes = [one_shape(job) for job in bar(jobs)]
+    else:  # fresh interpreters (spawn): safe whatever the caller has imported or started
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            shapes = list(bar(pool.map(one_shape, jobs, chunksize=max(1, len(jobs) // (8 * workers)))))
     return {
         variant: {
-            "points": np.stack(columns[variant]["points"]).astype(np.float32),
-            "masks": np.stack(columns[variant]["masks"]),
-            "labels": np.asarray(labels, dtype=np.int64),
-            "split": np.asarray(splits),
-            "instance": np.asarray(instances, dtype=np.int64),
+            "points": np.stack([shape[variant][0] for shape in shapes]).astype(np.float32),
+            "masks": np.stack([shape[variant][1] for shape in shapes]),
+            "labels": np.asarray([label for _, label, _ in jobs], dtype=np.int64),
+            "split": np.asarray([split for split, _, _ in jobs]),
+            "instance": np.asarray([index for _, _, index in jobs], dtype=np.int64),
             "class_names": np.asarray(CLASS_NAMES),
             "version": np.asarray(SHAPES_VERSION),
             "seed": np.asarray(shape_config.seed),
@@ -237,11 +250,13 @@ def write_shape_sets(
     variants: tuple[str, ...] = SHAPE_VARIANTS,
     force: bool = False,
     progress: bool = True,
+    workers: int = 1,
 ) -> list[Path]:
     """Generate and write the shape sets `variants` that are missing or stale; returns the paths written.
 
     Files already holding this version and `shape_config` are kept unless `force`. The three
-    scan-like variants come from the same scans, so asking for one writes all three.
+    scan-like variants come from the same scans, so asking for one writes all three. `workers`
+    processes share the generation (the files are the same for any number).
     """
     for variant in variants:
         _check_choice("variant", variant, SHAPE_VARIANTS)
@@ -251,7 +266,7 @@ def write_shape_sets(
             continue
         if not force and all(shape_set_is_current(shapes_path(v, data_dir), shape_config) for v in members):
             continue
-        for variant, arrays in generate_shape_sets(shape_config, group, progress).items():
+        for variant, arrays in generate_shape_sets(shape_config, group, progress, workers).items():
             written.append(_write_npz_atomic(shapes_path(variant, data_dir), arrays))
     return written
 
