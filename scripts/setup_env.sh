@@ -89,11 +89,8 @@ if [ "$pyver" != "3.11" ] && ! "$VENV/bin/python" -c 'import torch, sys; sys.exi
     TORCH_INDEX_URL=https://pypi.org/simple make book   (PyPI's CUDA build of torch, several GB)
 or use Python 3.11 on a machine that has the CPU wheel."
 fi
-# --no-compile: pip would byte-compile every module of every package (31 s of the 111 s this
-# step took here on 2026-12-07, most of it for modules the course never imports); Python
-# compiles a module the first time it is imported and keeps the .pyc in the venv.
 say "installing the pinned requirements (requirements.lock)"
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile -r requirements.lock
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements.lock
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 
 # --- 4. JupyterLab without a build prompt ---------------------------------------------------
