@@ -107,6 +107,11 @@ def test_write_shape_sets_is_idempotent_and_atomic(shape_dir):
     assert not datasets.shape_set_is_current(datasets.shapes_path("clean", shape_dir), datasets.ShapeSetConfig())
 
 
+def test_write_shape_sets_refuses_a_bad_worker_count_even_with_nothing_to_write(shape_dir):
+    with pytest.raises(ValueError, match="workers must be an int >= 1, got 0"):
+        datasets.write_shape_sets(TINY, shape_dir, progress=False, workers=0)
+
+
 def test_make_shapes_refuses_a_worker_count_below_one(tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
         make_shapes.main(["--workers", "0", "--data-dir", str(tmp_path), "--no-progress"])

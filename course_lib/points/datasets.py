@@ -168,6 +168,11 @@ def _shape_views(shape_config: ShapeSetConfig, clean: bool, job: tuple[str, int,
     return scans.scan_views(scans.build_scene(mesh, rng), shape_config.scan_points, rng)
 
 
+def _check_workers(workers: object) -> None:
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+
+
 def generate_shape_sets(
     shape_config: ShapeSetConfig = ShapeSetConfig(), group: str = "clean", progress: bool = True, workers: int = 1
 ) -> dict[str, dict[str, np.ndarray]]:
@@ -183,8 +188,7 @@ def generate_shape_sets(
     from course_lib.points.shapes import CLASS_NAMES
 
     _check_choice("group", group, ("clean", "scan"))
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    _check_workers(workers)
     clean = group == "clean"
     per_split = {
         "train": shape_config.clean_train_per_class if clean else shape_config.scan_train_per_class,
@@ -260,6 +264,7 @@ def write_shape_sets(
     """
     for variant in variants:
         _check_choice("variant", variant, SHAPE_VARIANTS)
+    _check_workers(workers)  # also when every file is up to date
     written = []
     for group, members in (("clean", ("clean",)), ("scan", SHAPE_VARIANTS[1:])):
         if not any(v in variants for v in members):
